@@ -1,0 +1,125 @@
+"""Typed configuration dataclasses, mirrored by the YAML files in ``conf/``.
+
+Hydra merges the YAML onto these schemas, so a mistyped key or a wrong type fails at start-up with the
+full key path. The model config is plain data (JSON-serialisable) so it can be exported next to the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class RouterConfig:
+    """Token-choice router. ``softmax_topk`` = fp32 softmax over all experts, keep top-k, renormalise (optional)."""
+
+    kind: str = "softmax_topk"
+    k: int = 2
+    renormalize: bool = True
+    aux_loss_coef: float = 1e-2  # Switch load-balancing loss, equals 1 at uniform routing
+    aux_loss_mode: str = "switch"  # "switch" (1 at uniform) or "hf" (k at uniform)
+    z_loss_coef: float = 1e-3  # ST-MoE router z-loss
+    init_std: float = 0.02
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only MoE transformer: ``n_layer`` blocks of (causal attention, MoE SwiGLU feed-forward)."""
+
+    vocab_size: int = 0  # 0 = take it from the data module
+    max_seq_len: int = 0  # 0 = take it from the data module
+    d_model: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    num_experts: int = 8
+    d_ff: int = 256  # hidden width of each SwiGLU expert
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    """The embedded multi-task sequence dataset (generated in code, no download)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["copy", "reverse", "sort", "add", "lookup", "count"])
+    eval_tasks: list[str] | None = None  # None = every task (shows forgetting after a fine-tune)
+    train_per_task: int = 20000
+    val_per_task: int = 500
+    seq_symbols: int = 8  # sequence length for copy / reverse / sort / count
+    num_symbols: int = 16  # alphabet size for copy / reverse / sort / lookup / count
+    add_digits: int = 3
+    lookup_pairs: int = 4
+    seed: int = 1234
+    batch_size: int = 128
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    """Subset of ``lightning.Trainer`` arguments; ``extra`` is passed through unchanged."""
+
+    max_steps: int = 2000
+    max_time: str | None = None  # "DD:HH:MM:SS"; stops early when reached
+    accelerator: str = "auto"
+    devices: Any = 1
+    precision: str = "32-true"
+    gradient_clip_val: float | None = 1.0
+    val_check_interval: int = 500
+    log_every_n_steps: int = 25
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    """``kind``: "wandb" (offline unless ``mode=online``) or "csv"."""
+
+    kind: str = "wandb"
+    mode: str = "offline"
+    project: str = "moe-merge"
+    name: str | None = None
+    log_expert_fractions: bool = True
+
+
+@dataclass
+class CallbacksConfig:
+    """ModelCheckpoint saves at each validation (best ``save_top_k`` by ``monitor``, plus ``last.ckpt``)."""
+
+    save_top_k: int = 1
+    monitor: str = "val/mean_accuracy"
+    rich_progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    init_from: str | None = None  # .ckpt, model.safetensors, or an exported model directory
+    seed: int = 0
+    output_dir: str = MISSING  # set by conf/train.yaml to the Hydra run directory
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,232 @@
+"""Embedded multi-task sequence data, generated in code from a seed (no download).
+
+Every example is ``[task token, input..., SEP, target..., PAD...]`` over one shared vocabulary. Loss and
+exact-match accuracy are taken on the target tokens only (``target_mask``); ``task_id`` stays attached to each
+example so routing can be analysed per task. Validation rows never occur in the training split.
+
+Tasks (n = ``seq_symbols``, symbols drawn from an alphabet of ``num_symbols``):
+
+- ``copy``    x -> x
+- ``reverse`` x -> reversed x
+- ``sort``    x -> x sorted by symbol index
+- ``add``     a + b with ``add_digits`` digits each, digits least-significant first -> sum (one digit longer)
+- ``lookup``  ``lookup_pairs`` (key symbol, value digit) pairs, QUERY key -> its value
+- ``count``   x, QUERY s (s occurs in x) -> number of occurrences of s, as one digit
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from moe.config import DataConfig
+
+ALL_TASKS = ("copy", "reverse", "sort", "add", "lookup", "count")
+PAD, SEP, PLUS, QUERY = 0, 1, 2, 3
+TASK_BASE = 4
+DIGIT_BASE = TASK_BASE + len(ALL_TASKS)
+SYMBOL_BASE = DIGIT_BASE + 10
+
+
+@dataclass(frozen=True)
+class Vocab:
+    num_symbols: int
+
+    @property
+    def size(self) -> int:
+        return SYMBOL_BASE + self.num_symbols
+
+    def task_token(self, task: str) -> int:
+        return TASK_BASE + ALL_TASKS.index(task)
+
+
+# Each generator returns (inputs [N, i], targets [N, t]) as token ids.
+Generator = Callable[[np.random.Generator, int, DataConfig], tuple[np.ndarray, np.ndarray]]
+
+
+def _symbols(rng: np.random.Generator, n: int, cfg: DataConfig) -> np.ndarray:
+    return rng.integers(0, cfg.num_symbols, size=(n, cfg.seq_symbols))
+
+
+def _copy(rng, n, cfg):
+    x = _symbols(rng, n, cfg)
+    return x + SYMBOL_BASE, x + SYMBOL_BASE
+
+
+def _reverse(rng, n, cfg):
+    x = _symbols(rng, n, cfg)
+    return x + SYMBOL_BASE, x[:, ::-1] + SYMBOL_BASE
+
+
+def _sort(rng, n, cfg):
+    x = _symbols(rng, n, cfg)
+    return x + SYMBOL_BASE, np.sort(x, axis=1) + SYMBOL_BASE
+
+
+def _digits_lsb_first(values: np.ndarray, width: int) -> np.ndarray:
+    return (values[:, None] // 10 ** np.arange(width)) % 10
+
+
+def _add(rng, n, cfg):
+    d = cfg.add_digits
+    a, b = rng.integers(0, 10**d, size=(2, n))
+    plus = np.full((n, 1), PLUS)
+    inputs = np.concatenate([_digits_lsb_first(a, d) + DIGIT_BASE, plus, _digits_lsb_first(b, d) + DIGIT_BASE], 1)
+    return inputs, _digits_lsb_first(a + b, d + 1) + DIGIT_BASE
+
+
+def _lookup(rng, n, cfg):
+    p = cfg.lookup_pairs
+    keys = np.argsort(rng.random((n, cfg.num_symbols)), axis=1)[:, :p]  # distinct keys per example
+    values = rng.integers(0, 10, size=(n, p))
+    which = rng.integers(0, p, size=n)
+    pairs = np.stack([keys + SYMBOL_BASE, values + DIGIT_BASE], axis=2).reshape(n, 2 * p)
+    query = np.stack([np.full(n, QUERY), keys[np.arange(n), which] + SYMBOL_BASE], axis=1)
+    return np.concatenate([pairs, query], 1), values[np.arange(n), which, None] + DIGIT_BASE
+
+
+def _count(rng, n, cfg):
+    x = _symbols(rng, n, cfg)
+    s = x[np.arange(n), rng.integers(0, cfg.seq_symbols, size=n)]
+    counts = (x == s[:, None]).sum(1)
+    query = np.stack([np.full(n, QUERY), s + SYMBOL_BASE], axis=1)
+    return np.concatenate([x + SYMBOL_BASE, query], 1), counts[:, None] + DIGIT_BASE
+
+
+GENERATORS: dict[str, Generator] = {
+    "copy": _copy,
+    "reverse": _reverse,
+    "sort": _sort,
+    "add": _add,
+    "lookup": _lookup,
+    "count": _count,
+}
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    for field_name in ("tasks", "eval_tasks"):
+        for t in getattr(cfg, field_name) or ():
+            if t not in GENERATORS:
+                raise ValueError(f"data.{field_name}: unknown task {t!r}; expected some of {list(GENERATORS)}")
+    if not cfg.tasks:
+        raise ValueError("data.tasks: expected at least one task")
+    if cfg.seq_symbols > 9:
+        raise ValueError(f"data.seq_symbols={cfg.seq_symbols}: counts are written as one digit, so it must be <= 9")
+    if not 1 <= cfg.lookup_pairs <= cfg.num_symbols:
+        raise ValueError(f"data.lookup_pairs={cfg.lookup_pairs}: expected 1..num_symbols ({cfg.num_symbols})")
+    if cfg.add_digits < 1:
+        raise ValueError(f"data.add_digits={cfg.add_digits}: expected >= 1")
+
+
+def max_example_len(cfg: DataConfig) -> int:
+    """Length of ``[task, input, SEP, target]`` for the longest task (all rows are padded to it)."""
+    rng = np.random.default_rng(0)
+    return max(sum(a.shape[1] for a in gen(rng, 1, cfg)) + 2 for gen in GENERATORS.values())
+
+
+@dataclass
+class TaskSplit:
+    """One split: ``tokens [N, L]`` int64, ``target_mask [N, L]`` bool, ``task_id [N]`` int64 (index in ALL_TASKS)."""
+
+    tokens: torch.Tensor
+    target_mask: torch.Tensor
+    task_id: torch.Tensor
+
+
+def _encode(task: str, inputs: np.ndarray, targets: np.ndarray, length: int, vocab: Vocab):
+    n = inputs.shape[0]
+    body = np.concatenate([np.full((n, 1), vocab.task_token(task)), inputs, np.full((n, 1), SEP), targets], 1)
+    tokens = np.full((n, length), PAD, dtype=np.int64)
+    tokens[:, : body.shape[1]] = body
+    mask = np.zeros((n, length), dtype=bool)
+    start = 2 + inputs.shape[1]
+    mask[:, start : start + targets.shape[1]] = True
+    return tokens, mask
+
+
+def build_splits(cfg: DataConfig) -> tuple[TaskSplit, TaskSplit]:
+    """Deterministic (train, val) splits for ``cfg.tasks`` (train) and the eval tasks (val)."""
+    validate_data_config(cfg)
+    vocab, length = Vocab(cfg.num_symbols), max_example_len(cfg)
+    eval_tasks = cfg.eval_tasks or list(ALL_TASKS)
+    out = {"train": [], "val": []}
+    for task in (t for t in ALL_TASKS if t in cfg.tasks or t in eval_tasks):
+        # One stream per task, independent of which other tasks are selected.
+        rng = np.random.default_rng([cfg.seed, ALL_TASKS.index(task)])
+        val_tok, val_mask = _encode(task, *GENERATORS[task](rng, cfg.val_per_task, cfg), length, vocab)
+        val_tok, first = np.unique(val_tok, axis=0, return_index=True)
+        val_mask = val_mask[first]
+        if task in eval_tasks:
+            out["val"].append((task, val_tok, val_mask))
+        if task in cfg.tasks:
+            tr_tok, tr_mask = _encode(task, *GENERATORS[task](rng, cfg.train_per_task, cfg), length, vocab)
+            seen = {row.tobytes() for row in val_tok}
+            keep = np.array([row.tobytes() not in seen for row in tr_tok], dtype=bool)
+            out["train"].append((task, tr_tok[keep], tr_mask[keep]))
+
+    def stack(parts) -> TaskSplit:
+        return TaskSplit(
+            tokens=torch.from_numpy(np.concatenate([p[1] for p in parts])),
+            target_mask=torch.from_numpy(np.concatenate([p[2] for p in parts])),
+            task_id=torch.cat([torch.full((len(p[1]),), ALL_TASKS.index(p[0])) for p in parts]),
+        )
+
+    return stack(out["train"]), stack(out["val"])
+
+
+class SplitDataset(Dataset):
+    """Map-style dataset over a TaskSplit; ``__getitems__`` fetches a whole batch with one index op."""
+
+    def __init__(self, split: TaskSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.tokens.shape[0]
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        ix = torch.as_tensor(idx)
+        return {"tokens": self.split.tokens[ix], "target_mask": self.split.target_mask[ix], "task_id": self.split.task_id[ix]}
+
+
+def _identity(batch):
+    return batch
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig):
+        super().__init__()
+        validate_data_config(cfg)
+        self.cfg = cfg
+        self.vocab = Vocab(cfg.num_symbols)
+        self.seq_len = max_example_len(cfg) - 1  # the model sees tokens[:-1] and predicts tokens[1:]
+        self.train_split: TaskSplit | None = None
+        self.val_split: TaskSplit | None = None
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        return list(self.cfg.eval_tasks or ALL_TASKS)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_split is None:
+            self.train_split, self.val_split = build_splits(self.cfg)
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(
+            SplitDataset(self.train_split), batch_size=self.cfg.batch_size, shuffle=True, drop_last=True,
+            generator=gen, collate_fn=_identity, num_workers=self.cfg.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            SplitDataset(self.val_split), batch_size=512, shuffle=False, collate_fn=_identity,
+            num_workers=self.cfg.num_workers,
+        )

@@ -1,0 +1,103 @@
+"""Model weights as ``model.safetensors`` + ``config.json``; loading from exports and Lightning checkpoints.
+
+Checkpoints are read with ``weights_only=True``: a pickle smuggled into a ``.ckpt`` is never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe.config import ModelConfig, RouterConfig
+from moe.model import MoETransformer
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+LIGHTNING_PREFIX = "model."
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Run ``write(tmp_path)`` then rename over ``path``, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_model(model: MoETransformer, out_dir: str | os.PathLike) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns the weights path."""
+    out = Path(out_dir)
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    config = {"model": asdict(model.cfg), "router": asdict(model.router_cfg)}
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    return out / WEIGHTS_NAME
+
+
+def _from_dict(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    return cls(**data)
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, RouterConfig]:
+    """Parse an exported ``config.json``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return _from_dict(ModelConfig, data["model"], f"{path}:model"), _from_dict(
+            RouterConfig, data["router"], f"{path}:router"
+        )
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not an exported model config ({e})") from e
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Model weights from a ``.safetensors`` file, an export directory, or a Lightning ``.ckpt`` (weights only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    if path.suffix == ".ckpt":
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" not in ckpt:
+            raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        return {k[len(LIGHTNING_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
+    raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
+
+
+def load_weights_into(model: MoETransformer, path: str | os.PathLike) -> None:
+    """Copy weights into ``model``; names and shapes must match exactly."""
+    state = load_state_dict(path)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad_shape = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state
+                 and state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shape:
+        raise ValueError(f"{path}: does not fit the model: missing={missing} unexpected={unexpected} "
+                         f"shape mismatches={bad_shape}")
+    model.load_state_dict(state)
+
+
+def load_model(export_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> MoETransformer:
+    """Build the model from ``export_dir/config.json`` and load ``weights`` (default: the export's own)."""
+    model_cfg, router_cfg = read_config(Path(export_dir) / CONFIG_NAME)
+    model = MoETransformer(model_cfg, router_cfg)
+    load_weights_into(model, weights or export_dir)
+    return model

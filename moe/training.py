@@ -1,0 +1,119 @@
+"""One training run from a TrainConfig: data, model, Lightning Trainer, final evaluation, exports, results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from rich.console import Console
+from rich.table import Table
+
+from moe.config import LoggerConfig, TrainConfig
+from moe.data import MultiTaskDataModule
+from moe.evaluate import evaluate_tasks
+from moe.export import _atomic_write, export_model, load_weights_into
+from moe.lightning import MoELitModule
+
+
+def build_logger(cfg: LoggerConfig, save_dir: str) -> Logger:
+    if cfg.kind == "csv":
+        return CSVLogger(save_dir=save_dir, name="csv")
+    if cfg.kind == "wandb":
+        if cfg.mode not in ("offline", "online"):
+            raise ValueError(f"logger.mode={cfg.mode!r}: expected 'offline' or 'online'")
+        return WandbLogger(project=cfg.project, name=cfg.name, save_dir=save_dir, mode=cfg.mode)
+    raise ValueError(f"logger.kind={cfg.kind!r}: expected 'wandb' or 'csv'")
+
+
+def accuracy_table(accs: dict[str, float], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("exact match", justify="right")
+    for task, acc in accs.items():
+        table.add_row(task, f"{acc:.3f}")
+    table.add_row("[bold]mean[/bold]", f"[bold]{sum(accs.values()) / len(accs):.3f}[/bold]")
+    return table
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train, evaluate every eval task, export ``model.safetensors`` + ``config.json``; returns results.json's dict."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    dm = MultiTaskDataModule(cfg.data)
+    model_cfg = replace(
+        cfg.model,
+        vocab_size=cfg.model.vocab_size or dm.vocab.size,
+        max_seq_len=cfg.model.max_seq_len or dm.seq_len,
+    )
+    if model_cfg.vocab_size < dm.vocab.size or model_cfg.max_seq_len < dm.seq_len:
+        raise ValueError(
+            f"model.vocab_size={model_cfg.vocab_size}, model.max_seq_len={model_cfg.max_seq_len}: the data needs "
+            f">= {dm.vocab.size} and >= {dm.seq_len}"
+        )
+    module = MoELitModule(
+        model_cfg, cfg.router, cfg.optim, cfg.trainer.max_steps, dm.eval_tasks, cfg.logger.log_expert_fractions
+    )
+    if cfg.init_from:
+        load_weights_into(module.model, cfg.init_from)
+
+    logger = build_logger(cfg.logger, str(out))
+    ckpt_dir = out / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best-step{step}", auto_insert_metric_name=False,
+            monitor=cfg.callbacks.monitor, mode="max", save_top_k=cfg.callbacks.save_top_k, save_last=True,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if cfg.callbacks.rich_progress and cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    tc = cfg.trainer
+    trainer = L.Trainer(
+        max_steps=tc.max_steps, max_time=tc.max_time, accelerator=tc.accelerator, devices=tc.devices,
+        precision=tc.precision, gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=min(tc.val_check_interval, tc.max_steps), check_val_every_n_epoch=None,
+        log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=tc.enable_progress_bar,
+        deterministic=tc.deterministic, logger=logger, callbacks=callbacks, default_root_dir=str(out),
+        enable_model_summary=False, **tc.extra,
+    )
+    try:
+        trainer.fit(module, datamodule=dm)
+        final_ckpt = ckpt_dir / "final.ckpt"
+        trainer.save_checkpoint(final_ckpt)
+        if not trainer.is_global_zero:
+            return {}
+        accs = evaluate_tasks(module.model, dm.val_split)
+        mean = sum(accs.values()) / len(accs)
+        logger.log_metrics({**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean},
+                           step=trainer.global_step)
+        weights = export_model(module.model, out / "export")
+        results = {
+            "tasks": accs,
+            "mean_accuracy": mean,
+            "checkpoint": str(final_ckpt.resolve()),
+            "safetensors": str(weights.resolve()),
+            "steps": trainer.global_step,
+        }
+        _atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
+        Console().print(accuracy_table(accs, f"Exact match on validation after {trainer.global_step} steps"))
+        print(f"results: {out / 'results.json'}\nexport:  {weights.parent}")
+        return results
+    finally:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish()
+
+
+def configure_threads() -> None:
+    """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
