@@ -1,8 +1,8 @@
 """Train the MoE transformer on the embedded multi-task data.
 
-    python train.py                                   # ~5 min on 2 CPU cores, wandb offline
-    python train.py router.k=1 model.num_experts=16   # any key of moe.config.TrainConfig
-    python train.py experiment=finetune data.tasks=[sort] init_from=outputs/<run>/export
+python train.py                                   # ~5 min on 2 CPU cores, wandb offline
+python train.py router.k=1 model.num_experts=16   # any key of moe.config.TrainConfig
+python train.py experiment=finetune data.tasks=[sort] init_from=outputs/<run>/export
 """
 
 import hydra

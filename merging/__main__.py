@@ -15,11 +15,11 @@ def evaluate_merge(cfg: MergeConfig) -> dict[str, dict[str, float]]:
     """Per-task exact match of the merged model and of every input, on the embedded validation split."""
     from rich.console import Console
 
+    from merging.io import resolve_weights
     from moe.data import build_splits
     from moe.evaluate import evaluate_tasks
     from moe.export import load_model
     from moe.training import accuracy_table
-    from merging.io import resolve_weights
 
     _, val = build_splits(cfg.data)
     console = Console()
@@ -35,8 +35,14 @@ def evaluate_merge(cfg: MergeConfig) -> dict[str, dict[str, float]]:
 def main(cfg: DictConfig) -> None:
     config: MergeConfig = OmegaConf.to_object(cfg)
     path = merge(
-        config.base, config.models, config.out, method=config.method.name, out_dtype=config.out_dtype,
-        overwrite=config.overwrite, progress=config.progress, **config.method.params(),
+        config.base,
+        config.models,
+        config.out,
+        method=config.method.name,
+        out_dtype=config.out_dtype,
+        overwrite=config.overwrite,
+        progress=config.progress,
+        **config.method.params(),
     )
     print(f"merged ({config.method.name}) -> {path}")
     if config.eval:

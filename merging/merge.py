@@ -61,5 +61,9 @@ def merge(
             continue
         merged = merge_tensors(method, b, fts, **params)
         writer.add(name, merged.to(DTYPES[out_dtype] if out_dtype else b.dtype))
-    meta = {"merge_method": method, "merge_params": json.dumps(params), "merge_inputs": json.dumps([str(m) for m in models])}
+    meta = {
+        "merge_method": method,
+        "merge_params": json.dumps(params),
+        "merge_inputs": json.dumps([str(m) for m in models]),
+    }
     return writer.commit(base_r.path.parent, meta)

@@ -41,7 +41,9 @@ def _bcast(w_N: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @register("linear")
-def linear(base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+def linear(
+    base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """Weighted average of the fine-tuned models, ``sum_t w_t theta_t / sum_t w_t`` (the base is unused)."""
     w = _weights(weights, len(finetuned))
     if w.sum() == 0:

@@ -38,6 +38,9 @@ class ModelConfig:
     d_ff: int = 256  # hidden width of each SwiGLU expert
     dropout: float = 0.0
     rope_base: float = 10000.0
+    # Token shift ("smeared" embeddings): x_t += W x_{t-1}, W learned from zero. Lets a single attention layer
+    # match on the previous token, which induction-style tasks (lookup, count) need.
+    token_shift: bool = True
 
 
 @dataclass
@@ -70,7 +73,7 @@ class OptimConfig:
 class TrainerConfig:
     """Subset of ``lightning.Trainer`` arguments; ``extra`` is passed through unchanged."""
 
-    max_steps: int = 2000
+    max_steps: int = 1400
     max_time: str | None = None  # "DD:HH:MM:SS"; stops early when reached
     accelerator: str = "auto"
     devices: Any = 1

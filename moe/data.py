@@ -11,7 +11,7 @@ Tasks (n = ``seq_symbols``, symbols drawn from an alphabet of ``num_symbols``):
 - ``sort``    x -> x sorted by symbol index
 - ``add``     a + b with ``add_digits`` digits each, digits least-significant first -> sum (one digit longer)
 - ``lookup``  ``lookup_pairs`` (key symbol, value digit) pairs, QUERY key -> its value
-- ``count``   x, QUERY s (s occurs in x) -> number of occurrences of s, as one digit
+- ``count``   x, QUERY s -> number of occurrences of s in x (1..n, uniform), as one digit
 """
 
 from __future__ import annotations
@@ -91,11 +91,17 @@ def _lookup(rng, n, cfg):
 
 
 def _count(rng, n, cfg):
-    x = _symbols(rng, n, cfg)
-    s = x[np.arange(n), rng.integers(0, cfg.seq_symbols, size=n)]
-    counts = (x == s[:, None]).sum(1)
+    # The count c is uniform over 1..seq_symbols (a constant guess scores 1/seq_symbols); the other positions
+    # hold symbols other than s.
+    length = cfg.seq_symbols
+    c = rng.integers(1, length + 1, size=n)
+    s = rng.integers(0, cfg.num_symbols, size=n)
+    others = rng.integers(0, cfg.num_symbols - 1, size=(n, length))
+    others += others >= s[:, None]
+    is_s = np.argsort(np.argsort(rng.random((n, length)), axis=1), axis=1) < c[:, None]
+    x = np.where(is_s, s[:, None], others)
     query = np.stack([np.full(n, QUERY), s + SYMBOL_BASE], axis=1)
-    return np.concatenate([x + SYMBOL_BASE, query], 1), counts[:, None] + DIGIT_BASE
+    return np.concatenate([x + SYMBOL_BASE, query], 1), c[:, None] + DIGIT_BASE
 
 
 GENERATORS: dict[str, Generator] = {
@@ -117,6 +123,8 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError("data.tasks: expected at least one task")
     if cfg.seq_symbols > 9:
         raise ValueError(f"data.seq_symbols={cfg.seq_symbols}: counts are written as one digit, so it must be <= 9")
+    if cfg.num_symbols < 2:
+        raise ValueError(f"data.num_symbols={cfg.num_symbols}: expected >= 2")
     if not 1 <= cfg.lookup_pairs <= cfg.num_symbols:
         raise ValueError(f"data.lookup_pairs={cfg.lookup_pairs}: expected 1..num_symbols ({cfg.num_symbols})")
     if cfg.add_digits < 1:
@@ -193,7 +201,11 @@ class SplitDataset(Dataset):
 
     def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
         ix = torch.as_tensor(idx)
-        return {"tokens": self.split.tokens[ix], "target_mask": self.split.target_mask[ix], "task_id": self.split.task_id[ix]}
+        return {
+            "tokens": self.split.tokens[ix],
+            "target_mask": self.split.target_mask[ix],
+            "task_id": self.split.task_id[ix],
+        }
 
 
 def _identity(batch):
@@ -221,12 +233,20 @@ class MultiTaskDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         return DataLoader(
-            SplitDataset(self.train_split), batch_size=self.cfg.batch_size, shuffle=True, drop_last=True,
-            generator=gen, collate_fn=_identity, num_workers=self.cfg.num_workers,
+            SplitDataset(self.train_split),
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=gen,
+            collate_fn=_identity,
+            num_workers=self.cfg.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            SplitDataset(self.val_split), batch_size=512, shuffle=False, collate_fn=_identity,
+            SplitDataset(self.val_split),
+            batch_size=512,
+            shuffle=False,
+            collate_fn=_identity,
             num_workers=self.cfg.num_workers,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -65,33 +65,49 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, RouterConfig]:
         raise ValueError(f"{path}: not an exported model config ({e})") from e
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Model weights from a ``.safetensors`` file, an export directory, or a Lightning ``.ckpt`` (weights only)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """Weights (without the Lightning ``model.`` prefix) and, when the file records it, the architecture."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    model: ModelConfig | None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a ``.safetensors`` file, an export directory, or a Lightning ``.ckpt`` (``weights_only=True``)."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        config = path.parent / CONFIG_NAME
+        return Checkpoint(path, load_file(path), read_config(config)[0] if config.exists() else None)
     if path.suffix == ".ckpt":
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-        return {k[len(LIGHTNING_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
+        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
+        hparams = ckpt.get("hyper_parameters", {}).get("model")
+        return Checkpoint(path, state, _from_dict(ModelConfig, hparams, f"{path}:hyper_parameters") if hparams else None)
     raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
 
 
-def load_weights_into(model: MoETransformer, path: str | os.PathLike) -> None:
-    """Copy weights into ``model``; names and shapes must match exactly."""
-    state = load_state_dict(path)
-    own = model.state_dict()
+def load_weights_into(model: MoETransformer, ckpt: Checkpoint) -> None:
+    """Copy ``ckpt``'s weights into ``model``; names and shapes must match exactly."""
+    state, own = ckpt.state, model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad_shape = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state
-                 and state[k].shape != own[k].shape]
+    bad_shape = [
+        f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or bad_shape:
-        raise ValueError(f"{path}: does not fit the model: missing={missing} unexpected={unexpected} "
-                         f"shape mismatches={bad_shape}")
+        raise ValueError(
+            f"{ckpt.path}: does not fit the model: missing={missing} unexpected={unexpected} "
+            f"shape mismatches={bad_shape}"
+        )
     model.load_state_dict(state)
 
 
@@ -99,5 +115,5 @@ def load_model(export_dir: str | os.PathLike, weights: str | os.PathLike | None 
     """Build the model from ``export_dir/config.json`` and load ``weights`` (default: the export's own)."""
     model_cfg, router_cfg = read_config(Path(export_dir) / CONFIG_NAME)
     model = MoETransformer(model_cfg, router_cfg)
-    load_weights_into(model, weights or export_dir)
+    load_weights_into(model, load_checkpoint(weights or export_dir))
     return model

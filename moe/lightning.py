@@ -52,8 +52,8 @@ class MoELitModule(L.LightningModule):
     def _step(self, batch):
         tokens, mask = batch["tokens"], batch["target_mask"]
         logits, routings = self.model(tokens[:, :-1])
-        ce, correct = target_loss_and_correct(logits, tokens, mask)
-        return ce, correct, routings
+        loss_B, correct_B = target_loss_and_correct(logits, tokens, mask)
+        return loss_B.mean(), correct_B, routings
 
     def training_step(self, batch, batch_idx):
         ce, correct, routings = self._step(batch)
@@ -63,7 +63,8 @@ class MoELitModule(L.LightningModule):
         bs = batch["tokens"].shape[0]
         self.log_dict(
             {"train/loss": loss, "train/ce": ce, "train/exact_match": correct.float().mean()},
-            prog_bar=True, batch_size=bs,
+            prog_bar=True,
+            batch_size=bs,
         )
         if self.global_step % self.trainer.log_every_n_steps == 0:
             stats = {}
@@ -81,7 +82,9 @@ class MoELitModule(L.LightningModule):
                 self.val_acc[t].update(correct[sel].float())
 
     def on_validation_epoch_end(self):
-        accs = {f"val/acc/{t}": m.compute() for t, m in self.val_acc.items()}
+        accs = {f"val/acc/{t}": m.compute() for t, m in self.val_acc.items() if m.update_called}
+        if not accs:  # e.g. a sanity check that saw no full task
+            return
         self.log_dict(accs)
         self.log("val/mean_accuracy", torch.stack(list(accs.values())).mean(), prog_bar=True)
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
@@ -94,7 +97,8 @@ class MoELitModule(L.LightningModule):
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.betas),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio)

@@ -78,6 +78,7 @@ class MoETransformer(nn.Module):
         validate_model_config(cfg)
         self.cfg, self.router_cfg = cfg, router
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.shift = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.token_shift else None
         self.blocks = nn.ModuleList(Block(cfg, router) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -86,12 +87,16 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
+        if self.shift is not None:
+            nn.init.zeros_(self.shift.weight)
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[RoutingResult]]:
         S = tokens_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"tokens: sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(tokens_BS)
+        if self.shift is not None:
+            x = x + self.shift(F.pad(x[:, :-1], (0, 0, 1, 0)))  # position t sees token t-1 (zeros at t=0)
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         routings = []
         for block in self.blocks:

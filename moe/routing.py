@@ -25,7 +25,9 @@ class RoutingResult:
     z_loss: torch.Tensor
 
 
-def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def softmax_topk(
+    logits: torch.Tensor, k: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax-then-top-k. Returns (probs ``[T, E]``, weights ``[T, k]``, ids ``[T, k]``), all math in fp32.
 
     With ``renormalize=True`` the k kept weights are divided by their sum, which equals top-k-then-softmax over

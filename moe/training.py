@@ -17,7 +17,7 @@ from rich.table import Table
 from moe.config import LoggerConfig, TrainConfig
 from moe.data import MultiTaskDataModule
 from moe.evaluate import evaluate_tasks
-from moe.export import _atomic_write, export_model, load_weights_into
+from moe.export import _atomic_write, export_model, load_checkpoint, load_weights_into
 from moe.lightning import MoELitModule
 
 
@@ -48,10 +48,13 @@ def run(cfg: TrainConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = MultiTaskDataModule(cfg.data)
+    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    # Starting from a checkpoint: its recorded architecture wins over model.* (the weights must fit it).
+    model_cfg = init.model if init and init.model else cfg.model
     model_cfg = replace(
-        cfg.model,
-        vocab_size=cfg.model.vocab_size or dm.vocab.size,
-        max_seq_len=cfg.model.max_seq_len or dm.seq_len,
+        model_cfg,
+        vocab_size=model_cfg.vocab_size or dm.vocab.size,
+        max_seq_len=model_cfg.max_seq_len or dm.seq_len,
     )
     if model_cfg.vocab_size < dm.vocab.size or model_cfg.max_seq_len < dm.seq_len:
         raise ValueError(
@@ -61,15 +64,20 @@ def run(cfg: TrainConfig) -> dict:
     module = MoELitModule(
         model_cfg, cfg.router, cfg.optim, cfg.trainer.max_steps, dm.eval_tasks, cfg.logger.log_expert_fractions
     )
-    if cfg.init_from:
-        load_weights_into(module.model, cfg.init_from)
+    if init:
+        load_weights_into(module.model, init)
 
     logger = build_logger(cfg.logger, str(out))
     ckpt_dir = out / "checkpoints"
     callbacks = [
         ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-step{step}", auto_insert_metric_name=False,
-            monitor=cfg.callbacks.monitor, mode="max", save_top_k=cfg.callbacks.save_top_k, save_last=True,
+            dirpath=ckpt_dir,
+            filename="best-step{step}",
+            auto_insert_metric_name=False,
+            monitor=cfg.callbacks.monitor,
+            mode="max",
+            save_top_k=cfg.callbacks.save_top_k,
+            save_last=True,
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
@@ -77,23 +85,34 @@ def run(cfg: TrainConfig) -> dict:
         callbacks.append(RichProgressBar())
     tc = cfg.trainer
     trainer = L.Trainer(
-        max_steps=tc.max_steps, max_time=tc.max_time, accelerator=tc.accelerator, devices=tc.devices,
-        precision=tc.precision, gradient_clip_val=tc.gradient_clip_val,
-        val_check_interval=min(tc.val_check_interval, tc.max_steps), check_val_every_n_epoch=None,
-        log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=tc.enable_progress_bar,
-        deterministic=tc.deterministic, logger=logger, callbacks=callbacks, default_root_dir=str(out),
-        enable_model_summary=False, **tc.extra,
+        max_steps=tc.max_steps,
+        max_time=tc.max_time,
+        accelerator=tc.accelerator,
+        devices=tc.devices,
+        precision=tc.precision,
+        gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=min(tc.val_check_interval, tc.max_steps),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=tc.log_every_n_steps,
+        enable_progress_bar=tc.enable_progress_bar,
+        deterministic=tc.deterministic,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(out),
+        enable_model_summary=False,
+        **tc.extra,
     )
     try:
         trainer.fit(module, datamodule=dm)
         final_ckpt = ckpt_dir / "final.ckpt"
-        trainer.save_checkpoint(final_ckpt)
+        trainer.save_checkpoint(final_ckpt, weights_only=False)  # full state, resumable
         if not trainer.is_global_zero:
             return {}
         accs = evaluate_tasks(module.model, dm.val_split)
         mean = sum(accs.values()) / len(accs)
-        logger.log_metrics({**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean},
-                           step=trainer.global_step)
+        logger.log_metrics(
+            {**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean}, step=trainer.global_step
+        )
         weights = export_model(module.model, out / "export")
         results = {
             "tasks": accs,

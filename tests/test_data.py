@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe.config import DataConfig
-from moe.data import ALL_TASKS, DIGIT_BASE, PAD, SEP, SYMBOL_BASE, Vocab, build_splits
+from moe.data import ALL_TASKS, DIGIT_BASE, PAD, QUERY, SEP, SYMBOL_BASE, Vocab, build_splits
 
 CFG = DataConfig(train_per_task=300, val_per_task=50)
 
@@ -27,7 +27,7 @@ def splits():
 def test_every_task_follows_its_rule(splits):
     train, _ = splits
     vocab = Vocab(CFG.num_symbols)
-    seen = set()
+    seen, counts = set(), []
     for row, mask, task_id in zip(train.tokens, train.target_mask, train.task_id):
         task = ALL_TASKS[task_id]
         seen.add(task)
@@ -48,13 +48,17 @@ def test_every_task_follows_its_rule(splits):
             assert len(pairs) == CFG.lookup_pairs  # distinct keys
             assert tgt == [pairs[inp[-1]]]
         elif task == "count":
+            assert inp[-2] == QUERY
             assert tgt == [DIGIT_BASE + inp[:-2].count(inp[-1])]
-            assert inp[-1] in inp[:-2]
+            counts.append(tgt[0] - DIGIT_BASE)
         # loss/accuracy positions: the target, nothing else; padding only after it
         assert mask.sum() == len(tgt)
         end = mask.nonzero()[-1, 0].item()
         assert (row[end + 1 :] == PAD).all()
     assert seen == set(ALL_TASKS)
+    # count targets spread over 1..seq_symbols, so a constant guess cannot score well
+    assert set(counts) == set(range(1, CFG.seq_symbols + 1))
+    assert max(np.bincount(counts)) / len(counts) < 0.25
 
 
 def test_deterministic_and_val_disjoint_from_train(splits):
@@ -84,8 +88,13 @@ def test_minimum_difficulty_holds_by_default():
 
 @pytest.mark.parametrize(
     "kw,field",
-    [({"tasks": ["copy", "nope"]}, "data.tasks"), ({"tasks": []}, "data.tasks"), ({"seq_symbols": 12}, "data.seq_symbols"),
-     ({"lookup_pairs": 40}, "data.lookup_pairs"), ({"eval_tasks": ["x"]}, "data.eval_tasks")],
+    [
+        ({"tasks": ["copy", "nope"]}, "data.tasks"),
+        ({"tasks": []}, "data.tasks"),
+        ({"seq_symbols": 12}, "data.seq_symbols"),
+        ({"lookup_pairs": 40}, "data.lookup_pairs"),
+        ({"eval_tasks": ["x"]}, "data.eval_tasks"),
+    ],
 )
 def test_bad_data_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):

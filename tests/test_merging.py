@@ -80,8 +80,10 @@ def write(path, tensors, config=None):
 def checkpoints(tmp_path):
     torch.manual_seed(1)
     base = {"w": torch.randn(6, 4, dtype=torch.bfloat16), "b": torch.randn(4), "steps": torch.tensor([3])}
-    fts = [{k: (v + torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v) for k, v in base.items()}
-           for _ in range(2)]
+    fts = [
+        {k: (v + torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v) for k, v in base.items()}
+        for _ in range(2)
+    ]
     return (write(tmp_path / "base", base, {"model": {}}), [write(tmp_path / f"ft{i}", f) for i, f in enumerate(fts)])
 
 
@@ -117,8 +119,10 @@ def test_merge_refuses_to_overwrite_inputs_and_leaves_nothing_on_failure(checkpo
         merge(base, fts, out, progress=False)
     merge(base, fts, out, progress=False, overwrite=True)
     # a mismatched model fails before anything is written, naming the file and the tensor
-    bad = write(tmp_path / "bad", {"w": torch.zeros(5, 4, dtype=torch.bfloat16), "b": torch.zeros(4),
-                                   "steps": torch.tensor([3])})
+    bad = write(
+        tmp_path / "bad",
+        {"w": torch.zeros(5, 4, dtype=torch.bfloat16), "b": torch.zeros(4), "steps": torch.tensor([3])},
+    )
     with pytest.raises(ValueError, match=r"bad.*'w'.*shape"):
         merge(base, [fts[0], bad], tmp_path / "never", progress=False)
     assert not (tmp_path / "never" / "model.safetensors").exists()

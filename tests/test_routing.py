@@ -75,7 +75,9 @@ def test_switch_loss_gradient_flows_through_probs_only():
     r.aux_loss.backward()
     # d/dlogits of E * sum_e f_e * mean_t p_te, with f fixed
     f = r.counts.float() / 6
-    expected = torch.autograd.functional.jacobian(lambda x: 3 * (torch.softmax(x, 1).mean(0) * f).sum(), logits.detach())
+    expected = torch.autograd.functional.jacobian(
+        lambda x: 3 * (torch.softmax(x, 1).mean(0) * f).sum(), logits.detach()
+    )
     torch.testing.assert_close(logits.grad, expected)
 
 
