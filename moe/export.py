@@ -90,7 +90,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
         hparams = ckpt.get("hyper_parameters", {}).get("model")
-        return Checkpoint(path, state, _from_dict(ModelConfig, hparams, f"{path}:hyper_parameters") if hparams else None)
+        model = _from_dict(ModelConfig, hparams, f"{path}:hyper_parameters.model") if hparams else None
+        return Checkpoint(path, state, model)
     raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
 
 
