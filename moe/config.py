@@ -14,15 +14,55 @@ from omegaconf import MISSING
 
 @dataclass
 class RouterConfig:
-    """Token-choice router. ``softmax_topk`` = fp32 softmax over all experts, keep top-k, renormalise (optional)."""
+    """Router choice and its hyperparameters (one flat, typed record; each conf/router/*.yaml sets its part).
 
-    kind: str = "softmax_topk"
+    kind: "topk" | "noisy_topk" | "gumbel" | "expert_choice". score: a ``moe.gating.SCORE_FUNCTIONS`` name.
+    order: "score_then_topk" (with or without ``renormalize``) | "topk_then_score" (see ``moe.routing``).
+    """
+
+    kind: str = "topk"
+    score: str = "softmax"
+    score_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {temperature: 0.5}, {normalized: true}
     k: int = 2
     renormalize: bool = True
+    order: str = "score_then_topk"
     aux_loss_coef: float = 1e-2  # Switch load-balancing loss, equals 1 at uniform routing
-    aux_loss_mode: str = "switch"  # "switch" (1 at uniform) or "hf" (k at uniform)
+    aux_loss_mode: str = "switch"  # "switch" (1 at uniform) | "hf" (k at uniform) | "sequence" (per sequence)
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss
+    importance_loss_coef: float = 0.0  # Shazeer CV^2 of the per-expert gate sums
     init_std: float = 0.02
+    jitter: float = 0.0  # training-time input jitter: x * U(1 - jitter, 1 + jitter)
+    learn_ssmax_s: bool = False  # score=ssmax: learn s (initialised from score_kwargs.s)
+    # DeepSeek-V3: auxiliary-loss-free bias (selection only), sign-rule updated after each step when rate > 0
+    bias_update_rate: float = 0.0
+    n_group: int | None = None  # group-limited routing: experts split into n_group groups ...
+    topk_group: int | None = None  # ... of which each token may use topk_group
+    scaling: float = 1.0  # routed_scaling_factor applied to the weights
+    # Noisy top-k (Shazeer 2017): learned noise scale; its load loss
+    load_loss_coef: float = 0.0
+    # Gumbel-softmax gating: tau_t = max(tau_min, tau * exp(-tau_anneal_rate * step)); MC average at eval
+    tau: float = 1.0
+    tau_min: float = 0.5
+    tau_anneal_rate: float = 0.0
+    hard: bool = False  # straight-through: one-hot forward, soft gradient
+    mc_samples: int = 10
+    # Expert choice: each expert takes capacity_factor * T / E tokens (sees the whole batch: not causal)
+    capacity_factor: float = 2.0
+    allow_noncausal: bool = False
+
+
+@dataclass
+class MoEConfig:
+    """The MoE feed-forward layer. kind: "sparse" (token/expert-choice routing) | "soft" (Soft MoE) | "smear"."""
+
+    kind: str = "sparse"
+    capacity_factor: float = 0.0  # sparse: 0 = dropless; > 0 = each expert takes ceil(cf * T * k / E) slots
+    drop_policy: str = "probability"  # which slots a full expert keeps: highest weight, or earliest "position"
+    n_shared: int = 0  # always-on shared experts (their width adds up), as in DeepSeek-MoE / Qwen2-MoE
+    shared_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(Linear(x))
+    residual: bool = False  # PR-MoE residual: dense MLP + MoE, mixed by softmax(Linear(x)) coefficients
+    slots_per_expert: int = 1  # soft
+    smear_route_on: str = "token"  # smear: "token" (causal) | "sequence" (mean over the sequence; not causal)
 
 
 @dataclass
@@ -41,6 +81,7 @@ class ModelConfig:
     # Token shift ("smeared" embeddings): x_t += W x_{t-1}, W learned from zero. Lets a single attention layer
     # match on the previous token, which induction-style tasks (lookup, count) need.
     token_shift: bool = True
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass

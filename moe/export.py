@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.config import ModelConfig, RouterConfig
+from moe.config import ModelConfig, MoEConfig, RouterConfig
 from moe.model import MoETransformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -46,11 +46,14 @@ def export_model(model: MoETransformer, out_dir: str | os.PathLike) -> Path:
 
 
 def _from_dict(cls, data: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
+    """Rebuild a (possibly nested) config dataclass from its ``asdict`` form, naming unknown keys."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-    return cls(**data)
+    nested = {"moe": MoEConfig}
+    return cls(**{k: _from_dict(nested[k], v, f"{where}.{k}") if k in nested and isinstance(v, dict) else v
+                  for k, v in data.items()})  # fmt: skip
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, RouterConfig]:

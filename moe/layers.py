@@ -1,33 +1,27 @@
-"""MoE feed-forward: a router, batched SwiGLU experts ``[E, d, f]``, and dropless sort-by-expert dispatch."""
+"""MoE feed-forward layers over batched SwiGLU experts ``[E, d, f]``.
+
+- ``MoELayer``: routed experts (token choice or expert choice), dropless by default or capacity-limited, plus
+  optional shared experts and a PR-MoE residual branch.
+- ``SoftMoELayer`` (moe/soft_moe.py) and ``SMEARLayer`` (moe/smear.py): fully differentiable mixtures.
+
+Every layer maps ``x [..., d] -> (y [..., d], RoutingResult)``.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from moe.config import RouterConfig
-from moe.routing import RoutingResult, route
+from moe.config import MoEConfig, RouterConfig
+from moe.routers import build_router
+from moe.routing import RoutingResult
 
-
-class Router(nn.Module):
-    """Linear gate ``x [T, d] -> logits [T, E]`` evaluated in fp32, then ``route`` (softmax top-k)."""
-
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
-        super().__init__()
-        if cfg.kind != "softmax_topk":
-            raise ValueError(f"router.kind={cfg.kind!r}: expected 'softmax_topk'")
-        if not 1 <= cfg.k <= num_experts:
-            raise ValueError(f"router.k={cfg.k}: expected 1 <= k <= model.num_experts ({num_experts})")
-        self.cfg = cfg
-        self.weight = nn.Parameter(torch.randn(num_experts, d_model) * cfg.init_std)
-
-    def forward(self, x_TD: torch.Tensor) -> RoutingResult:
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        return route(logits_TE, self.cfg.k, renormalize=self.cfg.renormalize, aux_loss_mode=self.cfg.aux_loss_mode)
+DROP_POLICIES = ("probability", "position")
 
 
 class SwiGLUExperts(nn.Module):
@@ -54,28 +48,116 @@ class SwiGLUExperts(nn.Module):
         return torch.cat(outs) if outs else x_SD.new_zeros(x_SD.shape)
 
 
-class MoELayer(nn.Module):
-    """Dropless token-choice MoE: every token reaches all k of its experts (no capacity, no drops).
+class SwiGLU(nn.Module):
+    """One dense SwiGLU MLP ``[..., d] -> [..., d]`` (shared experts, PR-MoE residual branch)."""
 
-    Dispatch: flatten the ``T*k`` (token, choice) slots, stable-sort them by expert id, gather the token rows in
-    that order, run each expert on its contiguous block, un-sort with the inverse permutation, and combine the k
-    outputs of each token with its routing weights. Deterministic: gathers only, no scatter-add.
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def slot_order(
+    ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, capacity: int | None, policy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept slots (``t*k + j`` indices) grouped by expert, and the kept count per expert ``[E]``.
+
+    Dropless (``capacity=None``): every slot, stable within an expert. Otherwise each expert keeps at most
+    ``capacity`` slots: those with the highest weight ("probability") or the earliest tokens ("position").
+    """
+    flat_ids = ids_TK.reshape(-1)
+    if capacity is None or policy == "position":
+        order = torch.argsort(flat_ids, stable=True)
+    else:
+        by_weight = torch.argsort(-weights_TK.detach().reshape(-1), stable=True)
+        order = by_weight[torch.argsort(flat_ids[by_weight], stable=True)]
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    if capacity is None:
+        return order, counts
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=order.device) - starts[flat_ids[order]]
+    keep = rank < capacity
+    return order[keep], counts.clamp(max=capacity)
+
+
+class MoELayer(nn.Module):
+    """Routed SwiGLU experts; dropless sort-by-expert dispatch, or capacity-limited with a drop policy.
+
+    Dispatch: take the kept ``(token, choice)`` slots grouped by expert, gather their token rows, run each expert
+    on its contiguous block, put the outputs back at their slot (dropped slots stay 0, so those tokens pass only
+    through the residual stream) and combine each token's k outputs with its routing weights. Gathers only: no
+    scatter-add, so the result is deterministic.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, router: RouterConfig):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, router: RouterConfig, moe: MoEConfig | None = None,
+                 causal: bool = True):  # fmt: skip
         super().__init__()
-        self.router = Router(d_model, num_experts, router)
+        moe = moe or MoEConfig()
+        if moe.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"model.moe.drop_policy={moe.drop_policy!r}: expected one of {DROP_POLICIES}")
+        if moe.capacity_factor < 0:
+            raise ValueError(f"model.moe.capacity_factor={moe.capacity_factor}: expected >= 0 (0 = dropless)")
+        if router.kind == "expert_choice" and causal and not router.allow_noncausal:
+            raise ValueError(
+                "router.kind=expert_choice in a causal decoder: each expert picks its tokens from the whole batch, "
+                "so a token's routing depends on later tokens (a leak at training time, impossible when decoding). "
+                "Set router.allow_noncausal=true to train it anyway."
+            )
+        self.moe_cfg, self.num_experts = moe, num_experts
+        self.router = build_router(d_model, num_experts, router)
         self.experts = SwiGLUExperts(num_experts, d_model, d_ff)
+        self.shared = SwiGLU(d_model, d_ff * moe.n_shared) if moe.n_shared > 0 else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.n_shared > 0 and moe.shared_gate else None
+        self.residual = SwiGLU(d_model, d_ff) if moe.residual else None
+        self.residual_coef = nn.Linear(d_model, 2) if moe.residual else None
+
+    def _routed(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, RoutingResult]:
+        if r.expert_tokens is not None:  # expert choice: expert e takes tokens expert_tokens[e]
+            E, C = r.expert_tokens.shape
+            y_SD = self.experts(x_TD[r.expert_tokens.reshape(-1)], [C] * E)
+            gates = r.weights[r.expert_tokens, torch.arange(E, device=x_TD.device)[:, None]].reshape(-1, 1)
+            return torch.zeros_like(x_TD).index_add(0, r.expert_tokens.reshape(-1), y_SD * gates.to(y_SD)), r
+        T, k = r.ids.shape
+        cf = self.moe_cfg.capacity_factor
+        capacity = math.ceil(cf * T * k / self.num_experts) if cf > 0 else None
+        order_S, counts_E = slot_order(r.ids, r.weights, self.num_experts, capacity, self.moe_cfg.drop_policy)
+        y_SD = self.experts(x_TD[order_S // k], counts_E.tolist())
+        y_slots = x_TD.new_zeros(T * k, x_TD.shape[-1]).index_put((order_S,), y_SD)  # unique indices: deterministic
+        y_TKD = rearrange(y_slots, "(t k) d -> t k d", k=k)
+        y_TD = torch.einsum("tkd,tk->td", y_TKD, r.weights.to(y_TKD.dtype))
+        if capacity is not None:
+            r = replace(r, dropped_fraction=1.0 - order_S.numel() / max(T * k, 1) + r.weights.new_zeros(()))
+        return y_TD, r
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
-        """x: ``[..., d]`` -> (``[..., d]``, RoutingResult over the ``T = prod(...)`` flattened tokens)."""
+        """x: ``[..., S, d]`` -> (``[..., S, d]``, RoutingResult over the ``T = prod(...)`` flattened tokens)."""
         x_TD = x.reshape(-1, x.shape[-1])
-        r = self.router(x_TD)
-        T, k = r.ids.shape
-        order_S = torch.argsort(r.ids.reshape(-1), stable=True)  # S = T*k slots, grouped by expert
-        inverse_S = torch.empty_like(order_S)
-        inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        y_SD = self.experts(x_TD[order_S // k], r.counts.tolist())
-        y_TKD = rearrange(y_SD[inverse_S], "(t k) d -> t k d", k=k)
-        y_TD = torch.einsum("tkd,tk->td", y_TKD, r.weights.to(y_TKD.dtype))
+        r = self.router(x_TD, seq_len=x.shape[-2] if x.dim() >= 2 else None)
+        y_TD, r = self._routed(x_TD, r)
+        if self.shared is not None:
+            shared = self.shared(x_TD)
+            y_TD = y_TD + (shared * torch.sigmoid(self.shared_gate(x_TD)) if self.shared_gate is not None else shared)
+        if self.residual is not None:
+            coef = torch.softmax(self.residual_coef(x_TD), dim=-1)
+            y_TD = coef[:, :1] * self.residual(x_TD) + coef[:, 1:] * y_TD
         return y_TD.reshape(x.shape), r
+
+
+def build_moe_layer(d_model: int, d_ff: int, num_experts: int, router: RouterConfig, moe: MoEConfig,
+                    causal: bool = True) -> nn.Module:  # fmt: skip
+    """The layer named by ``moe.kind``: "sparse" | "soft" | "smear"."""
+    if moe.kind == "sparse":
+        return MoELayer(d_model, d_ff, num_experts, router, moe, causal)
+    if moe.kind == "soft":
+        from moe.soft_moe import SoftMoELayer
+
+        return SoftMoELayer(d_model, d_ff, num_experts, moe.slots_per_expert, causal)
+    if moe.kind == "smear":
+        from moe.smear import SMEARLayer
+
+        return SMEARLayer(d_model, d_ff, num_experts, router, moe.smear_route_on, causal)
+    raise ValueError(f"model.moe.kind={moe.kind!r}: expected 'sparse', 'soft' or 'smear'")

@@ -59,7 +59,8 @@ class MoELitModule(L.LightningModule):
         ce, correct, routings = self._step(batch)
         aux = torch.stack([r.aux_loss for r in routings]).sum()
         z = torch.stack([r.z_loss for r in routings]).sum()
-        loss = ce + self.router_cfg.aux_loss_coef * aux + self.router_cfg.z_loss_coef * z
+        extra = sum((v for r in routings for v in r.extra_losses.values()), torch.zeros((), device=ce.device))
+        loss = ce + self.router_cfg.aux_loss_coef * aux + self.router_cfg.z_loss_coef * z + extra
         bs = batch["tokens"].shape[0]
         self.log_dict(
             {"train/loss": loss, "train/ce": ce, "train/exact_match": correct.float().mean()},
@@ -72,6 +73,16 @@ class MoELitModule(L.LightningModule):
                 stats.update(routing_stats(r, f"moe/layer{i}", per_expert=self.log_expert_fractions))
             self.log_dict(stats, batch_size=bs)
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        for m in self.model.modules():
+            if hasattr(m, "anneal"):  # Gumbel routers: temperature schedule by optimizer step
+                m.anneal(self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        for m in self.model.modules():
+            if hasattr(m, "update_bias"):  # auxiliary-loss-free bias: sign rule after the optimizer step
+                m.update_bias()
 
     def validation_step(self, batch, batch_idx):
         ce, correct, _ = self._step(batch)

@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import torch
 
+AUX_MODES = ("switch", "hf", "sequence")
 
-def load_balancing_loss(probs: torch.Tensor, ids: torch.Tensor, num_experts: int, mode: str = "switch") -> torch.Tensor:
+
+def load_balancing_loss(
+    probs: torch.Tensor, ids: torch.Tensor, num_experts: int, mode: str = "switch", seq_len: int | None = None
+) -> torch.Tensor:
     """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e``.
 
-    probs: ``[T, E]`` router probabilities (softmax over all experts). ids: ``[T, k]`` chosen experts.
+    probs: ``[T, E]`` router probabilities (a distribution over experts). ids: ``[T, k]`` chosen experts.
     ``P_e`` = mean probability of expert e (differentiable); ``f_e`` = share of routed slots on e (no gradient).
-    mode "switch": ``f_e = count_e / (T*k)``, so the loss is 1 at uniform routing, for any k.
-    mode "hf":     ``f_e = count_e / T`` (transformers' ``load_balancing_loss_func``), so the loss is k at uniform.
+
+    - "switch": ``f_e = count_e / (T*k)``, so the loss is 1 at uniform routing, for any k.
+    - "hf": ``f_e = count_e / T`` (transformers' ``load_balancing_loss_func``), so the loss is k at uniform.
+    - "sequence": the "switch" loss computed within each sequence of ``seq_len`` tokens, averaged over sequences
+      (DeepSeek-V2/V3 sequence-wise balance); 1 when every sequence is balanced.
     """
-    if mode not in ("switch", "hf"):
-        raise ValueError(f"mode={mode!r}: expected 'switch' or 'hf'")
+    if mode not in AUX_MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {AUX_MODES}")
     T, k = ids.shape
     if T == 0:
         return probs.sum() * 0.0
+    if mode == "sequence":
+        if not seq_len or T % seq_len:
+            raise ValueError(f"seq_len={seq_len}: mode 'sequence' needs a sequence length dividing T={T}")
+        B = T // seq_len
+        counts_BE = torch.zeros(B, num_experts, device=ids.device, dtype=probs.dtype)
+        counts_BE.scatter_add_(
+            1, ids.reshape(B, seq_len * k), torch.ones(B, seq_len * k, dtype=probs.dtype, device=ids.device)
+        )
+        f_BE = counts_BE / (seq_len * k)
+        P_BE = probs.reshape(B, seq_len, num_experts).mean(1)
+        return num_experts * (f_BE * P_BE).sum(-1).mean()
     counts_E = torch.bincount(ids.reshape(-1), minlength=num_experts).to(probs.dtype)
     f_E = counts_E / (T * k if mode == "switch" else T)
     P_E = probs.mean(dim=0)
@@ -29,3 +47,34 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation ``var(x) / mean(x)^2`` (population variance); 0 for one expert."""
+    if x_E.numel() <= 1:
+        return x_E.sum() * 0.0
+    return x_E.float().var(unbiased=False) / (x_E.float().mean().square() + eps)
+
+
+def importance_loss(gates_TE: torch.Tensor) -> torch.Tensor:
+    """Shazeer et al. 2017 importance loss ``CV(sum_t G_t)^2`` over the ``[T, E]`` gate values (0 when balanced)."""
+    return cv_squared(gates_TE.sum(0))
+
+
+def symmetric_kl(p_E: torch.Tensor, q_E: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """``(KL(p||q) + KL(q||p)) / 2`` between two distributions over experts (clamped at ``eps``)."""
+    p, q = p_E.float().clamp_min(eps), q_E.float().clamp_min(eps)
+    return 0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum())
+
+
+def band_kl_loss(probs_a: torch.Tensor, probs_b: torch.Tensor, low: float = 1.5, high: float = 2.0) -> torch.Tensor:
+    """SMAR-style penalty keeping two token groups' routing distributions ``[Ta, E]`` and ``[Tb, E]`` apart by a band.
+
+    ``D = symmetric_kl(mean_t probs_a, mean_t probs_b)``; loss ``relu(low - D) + relu(D - high)`` (0 inside the band).
+    """
+    if not 0 <= low <= high:
+        raise ValueError(f"low={low}, high={high}: expected 0 <= low <= high")
+    if probs_a.shape[0] == 0 or probs_b.shape[0] == 0:
+        return (probs_a.sum() + probs_b.sum()) * 0.0
+    d = symmetric_kl(probs_a.mean(0), probs_b.mean(0))
+    return torch.relu(low - d) + torch.relu(d - high)

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from moe.config import ModelConfig, RouterConfig
-from moe.layers import MoELayer
+from moe.layers import build_moe_layer
 from moe.routing import RoutingResult
 
 
@@ -62,7 +62,7 @@ class Block(nn.Module):
         self.norm_attn = nn.RMSNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.norm_moe = nn.RMSNorm(cfg.d_model)
-        self.moe = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, router)
+        self.moe = build_moe_layer(cfg.d_model, cfg.d_ff, cfg.num_experts, router, cfg.moe, causal=True)
 
     def forward(self, x, cos, sin) -> tuple[torch.Tensor, RoutingResult]:
         x = x + self.attn(self.norm_attn(x), cos, sin)

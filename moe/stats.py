@@ -26,6 +26,8 @@ def routing_stats(r: RoutingResult, prefix: str, per_expert: bool = True) -> dic
         f"{prefix}/z_loss": r.z_loss.detach(),
         f"{prefix}/dead_experts": (counts == 0).sum().float(),
     }
+    if r.dropped_fraction is not None:
+        out[f"{prefix}/dropped_fraction"] = r.dropped_fraction.detach().float()
     if per_expert:
         frac = counts / counts.sum().clamp_min(1.0)
         out.update({f"{prefix}/tokens_frac/e{i}": f for i, f in enumerate(frac)})
