@@ -59,6 +59,7 @@ class MoEConfig:
     capacity_factor: float = 0.0  # sparse: 0 = dropless; > 0 = each expert takes ceil(cf * T * k / E) slots
     drop_policy: str = "probability"  # which slots a full expert keeps: highest weight, or earliest "position"
     n_shared: int = 0  # always-on shared experts (their width adds up), as in DeepSeek-MoE / Qwen2-MoE
+    shared_d_ff: int = 0  # width of the shared branch; 0 = d_ff * n_shared
     shared_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(Linear(x))
     residual: bool = False  # PR-MoE residual: dense MLP + MoE, mixed by softmax(Linear(x)) coefficients
     slots_per_expert: int = 1  # soft

@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
         self.moe_cfg, self.num_experts = moe, num_experts
         self.router = build_router(d_model, num_experts, router)
         self.experts = SwiGLUExperts(num_experts, d_model, d_ff)
-        self.shared = SwiGLU(d_model, d_ff * moe.n_shared) if moe.n_shared > 0 else None
+        self.shared = SwiGLU(d_model, moe.shared_d_ff or d_ff * moe.n_shared) if moe.n_shared > 0 else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.n_shared > 0 and moe.shared_gate else None
         self.residual = SwiGLU(d_model, d_ff) if moe.residual else None
         self.residual_coef = nn.Linear(d_model, 2) if moe.residual else None
