@@ -17,11 +17,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from moe import kernels
 from moe.config import MoEConfig, RouterConfig
 from moe.routers import build_router
 from moe.routing import RoutingResult
 
 DROP_POLICIES = ("probability", "position")
+GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """torch's grouped_mm runs bf16 on CUDA and fp32/bf16 on the CPU."""
+    if GROUPED_MM is None:
+        return False
+    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
 
 
 class SwiGLUExperts(nn.Module):
@@ -37,10 +46,18 @@ class SwiGLUExperts(nn.Module):
         self.w_up = nn.Parameter(torch.randn(num_experts, d_model, d_ff) / math.sqrt(d_model))
         self.w_down = nn.Parameter(torch.randn(num_experts, d_ff, d_model) / math.sqrt(d_ff))
 
-    def forward(self, x_SD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
-        """x_SD: ``[S, d]`` rows sorted by expert, ``counts_E[e]`` rows for expert e. Returns ``[S, d]``."""
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_SD: ``[S, d]`` rows sorted by expert, ``counts_E[e]`` rows for expert e. Returns ``[S, d]``.
+
+        Uses ``grouped_mm`` (one GEMM per weight over all experts, offsets from the counts, no host sync) where
+        torch supports the dtype and device; otherwise a loop of per-expert matmuls.
+        """
+        if _grouped_mm_ok(x_SD):
+            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+            h = F.silu(GROUPED_MM(x_SD, self.w_gate, offs=offs)) * GROUPED_MM(x_SD, self.w_up, offs=offs)
+            return GROUPED_MM(h, self.w_down, offs=offs)
         outs = []
-        for e, x_e in enumerate(torch.split(x_SD, counts_E)):
+        for e, x_e in enumerate(torch.split(x_SD, counts_E.tolist())):
             if x_e.shape[0] == 0:
                 continue
             h = F.silu(x_e @ self.w_gate[e]) * (x_e @ self.w_up[e])
@@ -87,10 +104,11 @@ def slot_order(
 class MoELayer(nn.Module):
     """Routed SwiGLU experts; dropless sort-by-expert dispatch, or capacity-limited with a drop policy.
 
-    Dispatch: take the kept ``(token, choice)`` slots grouped by expert, gather their token rows, run each expert
-    on its contiguous block, put the outputs back at their slot (dropped slots stay 0, so those tokens pass only
-    through the residual stream) and combine each token's k outputs with its routing weights. Gathers only: no
-    scatter-add, so the result is deterministic.
+    Dispatch: take the kept ``(token, choice)`` slots grouped by expert (``moe.kernels.permute`` when dropless),
+    gather their token rows, run the experts on their contiguous blocks (grouped GEMM), put the outputs back at
+    their slot (dropped slots stay 0, so those tokens pass only through the residual stream) and combine each
+    token's k outputs with its routing weights (``moe.kernels.unpermute``). Gathers only: no scatter-add, so
+    token-choice routing is deterministic.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, router: RouterConfig, moe: MoEConfig | None = None,
@@ -118,20 +136,22 @@ class MoELayer(nn.Module):
     def _routed(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, RoutingResult]:
         if r.expert_tokens is not None:  # expert choice: expert e takes tokens expert_tokens[e]
             E, C = r.expert_tokens.shape
-            y_SD = self.experts(x_TD[r.expert_tokens.reshape(-1)], [C] * E)
+            y_SD = self.experts(x_TD[r.expert_tokens.reshape(-1)], torch.full((E,), C, device=x_TD.device))
             gates = r.weights[r.expert_tokens, torch.arange(E, device=x_TD.device)[:, None]].reshape(-1, 1)
             return torch.zeros_like(x_TD).index_add(0, r.expert_tokens.reshape(-1), y_SD * gates.to(y_SD)), r
         T, k = r.ids.shape
         cf = self.moe_cfg.capacity_factor
-        capacity = math.ceil(cf * T * k / self.num_experts) if cf > 0 else None
+        if cf == 0:  # dropless: moe.kernels permute / unpermute (Triton on CUDA, the PyTorch reference elsewhere)
+            x_SD, rows_TK = kernels.permute(x_TD, r.ids, r.counts)
+            y_SD = self.experts(x_SD, r.counts)
+            return kernels.unpermute(y_SD, r.weights.to(y_SD.dtype), rows_TK), r
+        capacity = math.ceil(cf * T * k / self.num_experts)
         order_S, counts_E = slot_order(r.ids, r.weights, self.num_experts, capacity, self.moe_cfg.drop_policy)
-        y_SD = self.experts(x_TD[order_S // k], counts_E.tolist())
+        y_SD = self.experts(x_TD[order_S // k], counts_E)
         y_slots = x_TD.new_zeros(T * k, x_TD.shape[-1]).index_put((order_S,), y_SD)  # unique indices: deterministic
         y_TKD = rearrange(y_slots, "(t k) d -> t k d", k=k)
         y_TD = torch.einsum("tkd,tk->td", y_TKD, r.weights.to(y_TKD.dtype))
-        if capacity is not None:
-            r = replace(r, dropped_fraction=1.0 - order_S.numel() / max(T * k, 1) + r.weights.new_zeros(()))
-        return y_TD, r
+        return y_TD, replace(r, dropped_fraction=1.0 - order_S.numel() / max(T * k, 1) + r.weights.new_zeros(()))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         """x: ``[..., S, d]`` -> (``[..., S, d]``, RoutingResult over the ``T = prod(...)`` flattened tokens)."""

@@ -1,0 +1,238 @@
+"""MoE layer forward + backward: the fused dispatch path (``moe.kernels``) against the loop over experts and
+sort + ``grouped_mm``, in one process, interleaved, on the same weights.
+
+Layer: router ``logits = x @ W_r`` (``[T, E]``), top-k softmax routing (renormalised), SwiGLU experts
+``down(silu(x @ w1_e) * (x @ w3_e))`` with ``w1, w3: [E, d, f]`` and ``w2: [E, f, d]``, weighted combine.
+FLOPs counted = 3 passes (forward, 2x backward) x 3 matmuls x ``2*T*k*d*f`` (the router's matmul is not counted).
+
+Candidates:
+
+- ``moe.kernels + grouped_mm`` (the project): ``fused_router`` -> ``permute`` -> three ``grouped_mm`` over the
+  expert-contiguous rows (offsets = cumsum of counts, no host sync) -> ``unpermute``;
+- ``moe.kernels + per-expert matmuls``: the same dispatch, experts as a loop of matmuls over the contiguous
+  blocks (``counts.tolist()``), the form ``moe.layers.SwiGLUExperts`` uses;
+- ``loop over experts``: per expert, ``torch.where(ids == e)``, gather, SwiGLU, ``index_add_`` (the common model-zoo
+  block);
+- ``sort + grouped_mm``: ``argsort`` + ``bincount`` + gather + ``grouped_mm`` + ``index_add_`` (the best plain-torch
+  path of ../shared/reference/README.md);
+- ``compiled sort + grouped_mm`` with ``--compile``.
+
+On the CPU the project path runs the PyTorch reference kernels (``impl="auto"``); the issue's CPU target is that
+path >= 2x faster than the loop over experts, printed at the end.
+
+    python benchmarks/bench_moe_layer.py --json layer.json                 # GPU: the reference configs, bf16
+    python benchmarks/bench_moe_layer.py --configs cpu-fine --threads 1    # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.timing import DTYPES, Result, environment, print_table, time_interleaved, write_json  # noqa: E402
+from moe import kernels  # noqa: E402
+
+CONFIGS = {  # name: (T, d, f, E, k)
+    "mixtral-like": (8192, 4096, 14336, 8, 2),
+    "fine-grained": (16384, 2048, 768, 128, 8),
+    "fine-grained-64": (16384, 2048, 1408, 64, 6),
+    "cpu-fine": (2048, 256, 128, 32, 4),
+    "cpu-fine-64": (1024, 128, 64, 64, 8),
+}
+GPU_DEFAULT = "mixtral-like,fine-grained,fine-grained-64"
+CPU_DEFAULT = "cpu-fine,cpu-fine-64"
+PROJECT = "moe.kernels + grouped_mm"
+BASELINES = ["loop over experts", "sort + grouped_mm", "compiled sort + grouped_mm"]
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch._grouped_mm: older torch
+HAS_GROUPED_MM = GROUPED_MM is not None
+
+
+class Layer:
+    """Router and SwiGLU expert weights shared by every candidate. Shapes: w_r ``[d, E]``, w1/w3 ``[E, d, f]``,
+    w2 ``[E, f, d]``."""
+
+    def __init__(self, T: int, d: int, f: int, E: int, k: int, device: torch.device, dtype: torch.dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def param(*shape, scale):
+            return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+        self.k = k
+        self.w_r = param(d, E, scale=1 / math.sqrt(d))
+        self.w1 = param(E, d, f, scale=1 / math.sqrt(d))
+        self.w3 = param(E, d, f, scale=1 / math.sqrt(d))
+        self.w2 = param(E, f, d, scale=1 / math.sqrt(f))
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.w_r, self.w1, self.w3, self.w2]
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+def project_grouped_mm(x: torch.Tensor, L: Layer) -> torch.Tensor:
+    weights, ids, counts, _, _ = kernels.fused_router(x @ L.w_r, L.k)
+    x_sorted, rows = kernels.permute(x, ids, counts)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = F.silu(GROUPED_MM(x_sorted, L.w1, offs=offs)) * GROUPED_MM(x_sorted, L.w3, offs=offs)
+    return kernels.unpermute(GROUPED_MM(h, L.w2, offs=offs), weights, rows)
+
+
+def project_per_expert(x: torch.Tensor, L: Layer) -> torch.Tensor:
+    weights, ids, counts, _, _ = kernels.fused_router(x @ L.w_r, L.k)
+    x_sorted, rows = kernels.permute(x, ids, counts)
+    outs = []
+    for e, x_e in enumerate(torch.split(x_sorted, counts.tolist())):
+        outs.append((F.silu(x_e @ L.w1[e]) * (x_e @ L.w3[e])) @ L.w2[e])
+    return kernels.unpermute(torch.cat(outs), weights, rows)
+
+
+def loop_over_experts(x: torch.Tensor, L: Layer) -> torch.Tensor:
+    weights, ids = topk_softmax(x @ L.w_r, L.k)
+    out = torch.zeros_like(x)
+    for e in range(L.w1.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        x_e = x[tok]
+        y_e = (F.silu(x_e @ L.w1[e]) * (x_e @ L.w3[e])) @ L.w2[e]
+        out = out.index_add(0, tok, y_e * weights[tok, slot, None].to(y_e.dtype))
+    return out
+
+
+def sort_grouped_mm(x: torch.Tensor, L: Layer) -> torch.Tensor:
+    weights, ids = topk_softmax(x @ L.w_r, L.k)
+    ids_S = ids.reshape(-1)
+    order = torch.argsort(ids_S, stable=True)
+    offs = torch.cumsum(torch.bincount(ids_S, minlength=L.w1.shape[0]), 0).to(torch.int32)
+    token = order // L.k
+    x_sorted = x[token]
+    h = F.silu(GROUPED_MM(x_sorted, L.w1, offs=offs)) * GROUPED_MM(x_sorted, L.w3, offs=offs)
+    y = GROUPED_MM(h, L.w2, offs=offs) * weights.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, token, y)
+
+
+def fwd_bwd(fn, x: torch.Tensor, L: Layer, grad: torch.Tensor):
+    def step():
+        for t in [x, *L.params()]:
+            t.grad = None
+        fn(x, L).backward(grad)
+
+    return step
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--configs", default=None, help=f"names from {list(CONFIGS)}; GPU {GPU_DEFAULT}; CPU {CPU_DEFAULT}"
+    )
+    parser.add_argument("--shape", default=None, help="a custom T,d,f,E,k (instead of --configs)")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="GPU default bf16, CPU fp32")
+    parser.add_argument("--warmup", type=int, default=None, help="steps before timing (GPU 3, CPU 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per candidate (GPU 10, CPU 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile of sort + grouped_mm")
+    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    rounds = args.rounds if args.rounds is not None else (10 if on_gpu else 5)
+    if args.shape:
+        configs = {"custom": tuple(int(v) for v in args.shape.split(","))}
+    else:
+        names = (args.configs or (GPU_DEFAULT if on_gpu else CPU_DEFAULT)).split(",")
+        unknown = [n for n in names if n not in CONFIGS]
+        if unknown:
+            raise ValueError(f"--configs: unknown {unknown}, expected names from {list(CONFIGS)}")
+        configs = {n: CONFIGS[n] for n in names}
+    print(environment(device), f"{dtype}, median of {rounds} interleaved rounds, forward + backward")
+
+    candidates_all = {
+        "moe.kernels + per-expert matmuls": project_per_expert,
+        "loop over experts": loop_over_experts,
+    }
+    if HAS_GROUPED_MM:
+        candidates_all = {PROJECT: project_grouped_mm, **candidates_all, "sort + grouped_mm": sort_grouped_mm}
+        if args.compile:
+            candidates_all["compiled sort + grouped_mm"] = torch.compile(sort_grouped_mm)
+    results: list[Result] = []
+    for name, (T, d, f, E, k) in configs.items():
+        shape = f"{name}: T={T} d={d} f={f} E={E} k={k}"
+        L = Layer(T, d, f, E, k, device, dtype)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        x = torch.randn(T, d, generator=g).to(device, dtype).requires_grad_()
+        grad = torch.randn(T, d, generator=g).to(device, dtype)
+        flops = 18 * T * k * d * f
+
+        # the candidates compute the same layer: compare outputs and input gradients with the loop
+        reference_out = loop_over_experts(x, L)
+        (reference_gx,) = torch.autograd.grad(reference_out, x, grad)
+        notes = {}
+        for cname, fn in candidates_all.items():
+            try:
+                out = fn(x, L)
+                (gx,) = torch.autograd.grad(out, x, grad)
+                notes[cname] = (
+                    f"rel err vs loop: out {rel_err(out, reference_out):.1e}, dx {rel_err(gx, reference_gx):.1e}"
+                )
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                notes[cname] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        del reference_out, reference_gx
+
+        steps = {cname: fwd_bwd(fn, x, L, grad) for cname, fn in candidates_all.items()}
+        times = time_interleaved(steps, device, warmup, rounds)
+        for cname, t in times.items():
+            ok = isinstance(t, float)
+            results.append(
+                Result(
+                    "moe_layer_fwd_bwd",
+                    shape,
+                    cname,
+                    t if ok else None,
+                    metric=flops / (t * 1e-6) / (1e12 if on_gpu else 1e9) if ok else None,
+                    metric_name="TFLOP/s" if on_gpu else "GFLOP/s",
+                    note=notes.get(cname, ""),
+                    error="" if ok else str(t),
+                    extra={"T": T, "d": d, "f": f, "E": E, "k": k, "dtype": str(dtype), "flops": flops},
+                )
+            )
+        del L, x, grad
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    print_table("MoE layer forward + backward", results, PROJECT if HAS_GROUPED_MM else "", BASELINES)
+    if not on_gpu:
+        print("\nCPU target: the reference path (moe.kernels on CPU) >= 2x faster than the loop over experts")
+        by_shape: dict[str, dict[str, float]] = {}
+        for r in results:
+            if r.us:
+                by_shape.setdefault(r.shape, {})[r.impl] = r.us
+        for shape, t in by_shape.items():
+            for ours in (PROJECT, "moe.kernels + per-expert matmuls"):
+                if ours in t and "loop over experts" in t:
+                    print(f"  {shape}  [{ours}]  loop / ours = {t['loop over experts'] / t[ours]:.2f}x")
+    write_json(args.json, "moe_layer", device, vars(args), results)
+
+
+if __name__ == "__main__":
+    main()
