@@ -38,6 +38,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.timing import DTYPES, Result, environment, print_table, time_interleaved, write_json  # noqa: E402
 from moe import kernels  # noqa: E402
+from moe.config import RouterConfig  # noqa: E402
+from moe.layers import MoELayer  # noqa: E402
 
 CONFIGS = {  # name: (T, d, f, E, k)
     "mixtral-like": (8192, 4096, 14336, 8, 2),
@@ -72,6 +74,25 @@ class Layer:
 
     def params(self) -> list[torch.Tensor]:
         return [self.w_r, self.w1, self.w3, self.w2]
+
+
+def moe_layer(x: torch.Tensor, L: Layer) -> torch.Tensor:
+    """``moe.layers.MoELayer`` itself (router via ``moe.routing.route``, kernels permute/unpermute, grouped GEMM
+    experts), holding copies of L's weights."""
+    layer = getattr(L, "moe_layer", None)
+    if layer is None:
+        d, E = L.w_r.shape
+        layer = MoELayer(d, L.w1.shape[2], E, RouterConfig(k=L.k), causal=False).to(L.w1.device, L.w1.dtype)
+        with torch.no_grad():
+            layer.router.weight.copy_(L.w_r.t())
+            for ours, theirs in (
+                (layer.experts.w_gate, L.w1),
+                (layer.experts.w_up, L.w3),
+                (layer.experts.w_down, L.w2),
+            ):
+                ours.copy_(theirs)
+        L.moe_layer = layer
+    return layer(x)[0]
 
 
 def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +189,7 @@ def main() -> None:
     print(environment(device), f"{dtype}, median of {rounds} interleaved rounds, forward + backward")
 
     candidates_all = {
+        "moe.layers.MoELayer": moe_layer,
         "moe.kernels + per-expert matmuls": project_per_expert,
         "loop over experts": loop_over_experts,
     }
@@ -228,7 +250,7 @@ def main() -> None:
             if r.us:
                 by_shape.setdefault(r.shape, {})[r.impl] = r.us
         for shape, t in by_shape.items():
-            for ours in (PROJECT, "moe.kernels + per-expert matmuls"):
+            for ours in ("moe.layers.MoELayer", PROJECT, "moe.kernels + per-expert matmuls"):
                 if ours in t and "loop over experts" in t:
                     print(f"  {shape}  [{ours}]  loop / ours = {t['loop over experts'] / t[ours]:.2f}x")
     write_json(args.json, "moe_layer", device, vars(args), results)
