@@ -1,6 +1,7 @@
-"""Model merging: task arithmetic and TIES over safetensors checkpoints, streamed tensor by tensor."""
+"""Model merging: linear, task arithmetic, TIES, DARE, DELLA, PCB and STAR, streamed tensor by tensor."""
 
+from merging import methods, pcb, star  # noqa: F401  (register the methods)
 from merging.merge import merge
-from merging.methods import METHODS, merge_tensors
+from merging.registry import METHODS, merge_tensors
 
 __all__ = ["METHODS", "merge", "merge_tensors"]

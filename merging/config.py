@@ -11,28 +11,68 @@ from moe.config import DataConfig
 
 @dataclass
 class MethodConfig:
-    """``name`` selects ``merging.METHODS[name]``; a parameter left at None takes the method's own default."""
+    """``name`` selects ``merging.METHODS[name]``; a parameter left at None takes the method's own default.
+
+    Setting a parameter the method does not take is an error naming it. The names are those of the Python API.
+    """
 
     name: str = "ties"
     lam: float | None = None  # scale of the merged task vector
-    weights: list[float] | None = None  # one per fine-tuned model
-    density: float | None = None  # kept fraction when trimming (TIES)
+    weights: list[float] | None = None  # one per fine-tuned model (PCB: per-task lambdas)
+    density: float | None = None  # kept fraction (TIES trim; DELLA mean keep probability; DARE+TIES trim)
+    scope: str | None = None  # where magnitudes are ranked: tensor | row | global (DELLA: row | tensor)
+    sign: str | None = None  # sign election: total (mass) | frequency (vote count)
+    weighted_sign: bool | None = None  # elect on w_t * tau_t (mergekit) instead of tau_t (TIES paper, PEFT)
+    divisor: str | None = None  # disjoint mean divisor: weights | count
+    seed: int | None = None  # random methods: with tensor name and model index, seeds each generator
+    drop: float | None = None  # DARE drop rate p
+    rescale: str | None = None  # DARE/DELLA: inverse | l1 | none
+    combine: str | None = None  # DARE/DELLA: linear | ties
+    epsilon: float | None = None  # DELLA half window of keep probabilities
+    ratio: float | None = None  # PCB kept ratio r
+    clamp_q: float | None = None  # PCB outlier clamp quantile
+    eta: float | None = None  # STAR: percent of the nuclear norm kept
+    svd: str | None = None  # STAR: exact | randomized
+    rank: int | None = None  # STAR randomized SVD rank
+    one_d: str | None = None  # STAR 1-D tensors: base | mean
 
     def params(self) -> dict[str, object]:
         return {k: v for k, v in vars(self).items() if k != "name" and v is not None}
 
 
 @dataclass
+class AssembleConfig:
+    """Build an MoE from N fine-tuned checkpoints: each model's experts become experts of the output."""
+
+    enabled: bool = False
+    router_init: str = "zero"  # zero | stats (mean MoE input of each model's tasks, needs tasks)
+    k: int = 2  # top-k of the assembled router (capped at the number of experts)
+    scale: float = 1.0  # router_init=stats: norm of each router row
+
+
+@dataclass
 class MergeConfig:
     base: str = MISSING  # the pre-trained checkpoint the task vectors are taken against
-    models: list[str] = MISSING  # fine-tuned checkpoints
-    out: str = MISSING  # output directory (model.safetensors + the base's config.json)
+    models: list[str] = MISSING  # fine-tuned checkpoints (safetensors, HF-style or export dirs, .ckpt)
+    out: str = MISSING  # output directory (weights, the base's config.json and tokenizer files, merge_report.json)
     method: MethodConfig = field(default_factory=MethodConfig)
     out_dtype: str | None = None  # "float32" | "bfloat16" | "float16"; None = the base tensor's dtype
-    overwrite: bool = False  # replace an existing model.safetensors in out
+    overwrite: bool = False  # replace existing merged weights in out
     progress: bool = True
+    exclude: list[str] = field(default_factory=list)  # regexes of tensor names copied from the base
+    vectors: str = "method"  # 1-D tensors: method | mean | base
+    vocab: str = "crop"  # embedding / head with another row count: crop | base
+    experts: bool = True  # merge each expert of batched [E, ...] expert tensors as its own tensor
+    router_source: str = "merge"  # router weights: merge | base | a model index "0".."N-1"
+    shard_size: str = "5GB"  # largest output shard
+    report: bool = True  # write merge_report.json beside the weights
     eval: bool = False  # evaluate the merged model (and the inputs) on every task of the embedded data
+    # The task(s) each model was fine-tuned on ("sort", or "copy+add"), one entry per model: the normalized accuracy
+    # of a task divides by its own fine-tune (None: by the best model on that task); assemble's router_init=stats.
+    tasks: list[str] | None = None
+    search: bool = False  # per-task lambdas (method.weights) by coordinate search on a validation split; needs tasks
     data: DataConfig = field(default_factory=DataConfig)
+    assemble: AssembleConfig = field(default_factory=AssembleConfig)
 
 
 def register_configs() -> None:

@@ -1,124 +1,171 @@
-"""Merge methods: pure functions ``fn(base, finetuned, **params) -> merged`` over one tensor name, in fp32.
+"""Linear, task arithmetic, TIES, DARE and DELLA (the last four: configurations of ``merging.gta``).
 
-base: ``[...]``; finetuned: N tensors shaped like base. Task vectors are ``tau_t = finetuned_t - base``.
+Notation: base theta_0, fine-tuned theta_t (t = 1..N), task vectors tau_t = theta_t - theta_0, weights w_t.
+Every method: (1) optionally drop (DARE: Bernoulli; DELLA: rank-based MagPrune) with a rescale, (2) optionally
+trim to the top-``density`` magnitudes (TIES), (3) combine: "linear" = sum_t w_t tau_t, "ties" = elect a sign
+per entry and take the disjoint (weighted) mean of the agreeing entries, (4) theta = theta_0 + lam * combined.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Callable, Sequence
+from merging.gta import gta_method, info_of, weighted
+from merging.registry import Chunk, Method, Param, register
+from merging.sparsify import elect_sign, trim_topk, weights_of
 
-import torch
+__all__ = ["elect_sign", "trim_topk"]
 
-MergeFn = Callable[..., torch.Tensor]
-METHODS: dict[str, MergeFn] = {}
-
-
-def register(name: str) -> Callable[[MergeFn], MergeFn]:
-    def wrap(fn: MergeFn) -> MergeFn:
-        METHODS[name] = fn
-        return fn
-
-    return wrap
-
-
-def _weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
-    if weights is None:
-        return torch.ones(n)
-    if len(weights) != n:
-        raise ValueError(f"weights: expected {n} values (one per fine-tuned model), got {len(weights)}")
-    return torch.tensor([float(w) for w in weights])
+LAM = Param(1.0, "scale of the merged task vector: theta_0 + lam * merged")
+WEIGHTS = Param(None, "one weight per fine-tuned model (None = all 1)")
+SEED = Param(0, "with the tensor name and the model index, seeds each model's generator")
+SIGN = Param(
+    "total",
+    "sign election: 'total' = sign of the summed mass (TIES), 'frequency' = majority vote",
+    ("total", "frequency"),
+)
+WEIGHTED_SIGN = Param(False, "elect on w_t * tau_t (mergekit) instead of tau_t (TIES paper, PEFT)", (False, True))
+DIVISOR = Param("weights", "disjoint mean divisor: 'weights' = sum of agreeing w_t (= count when w = 1; mergekit), "
+                "'count' = number of agreeing models (PEFT)", ("weights", "count"))  # fmt: skip
+SCOPE = Param("global", "where the top-density magnitudes are counted: 'tensor', 'row' (last dim), or 'global' "
+              "(the whole model, as the TIES paper)", ("tensor", "row", "global"))  # fmt: skip
 
 
-def _task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[N, ...]`` fp32 stack of ``finetuned_t - base``."""
-    return torch.stack([f.float() for f in finetuned]) - base.float()
+def _check_density(p, key="density"):
+    if not 0.0 < p[key] <= 1.0:
+        raise ValueError(f"{key}={p[key]}: expected 0 < {key} <= 1")
 
 
-def _bcast(w_N: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return w_N.reshape(-1, *([1] * (like.dim() - 1)))
+# ---------------------------------------------------------------------------------------------------- linear
 
 
-@register("linear")
-def linear(
-    base: torch.Tensor, finetuned: Sequence[torch.Tensor], weights: Sequence[float] | None = None
-) -> torch.Tensor:
-    """Weighted average of the fine-tuned models, ``sum_t w_t theta_t / sum_t w_t`` (the base is unused)."""
-    w = _weights(weights, len(finetuned))
+def _linear_apply(chunk: Chunk, stats: dict, p: dict):
+    w = weights_of(p["weights"], chunk.n)
     if w.sum() == 0:
         raise ValueError("weights: must not sum to 0 for the linear merge")
-    stacked = torch.stack([f.float() for f in finetuned])
-    return (stacked * _bcast(w, stacked)).sum(0) / w.sum()
+    merged = chunk.base + weighted(chunk.tau, w).sum(0) / w.sum()
+    return merged, info_of(chunk.tau)
 
 
-@register("task_arithmetic")
-def task_arithmetic(
-    base: torch.Tensor, finetuned: Sequence[torch.Tensor], lam: float = 1.0, weights: Sequence[float] | None = None
-) -> torch.Tensor:
-    """Task arithmetic (Ilharco et al. 2023): ``base + lam * sum_t w_t tau_t``."""
-    tau = _task_vectors(base, finetuned)
-    w = _weights(weights, len(finetuned))
-    return base.float() + lam * (tau * _bcast(w, tau)).sum(0)
+register(
+    Method(
+        name="linear",
+        pretty_name="Weighted average",
+        reference_url="https://arxiv.org/abs/2203.05482",
+        params={"weights": WEIGHTS},
+        apply=_linear_apply,
+        doc="sum_t w_t theta_t / sum_t w_t.",
+    )
+)
 
 
-def trim_topk(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep, per task vector (dim 0), its ``m = ceil(density * d)`` largest magnitudes; zero the rest.
-
-    Entries tied with the m-th largest magnitude are all kept. (The TIES reference code thresholds at the
-    ``(d - int(d*K))``-th smallest magnitude, which keeps one entry more than ``int(d*K)``.)
-    """
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density={density}: expected 0 < density <= 1")
-    flat = tau.reshape(tau.shape[0], -1)
-    d = flat.shape[1]
-    m = math.ceil(density * d)
-    if m >= d:
-        return tau.clone()
-    thresh = flat.abs().kthvalue(d - m + 1, dim=1, keepdim=True).values
-    return (flat * (flat.abs() >= thresh)).reshape(tau.shape)
+gta_method(
+    "task_arithmetic",
+    "Task arithmetic",
+    "https://arxiv.org/abs/2212.04089",
+    {
+        "lam": Param(0.4, "scale of the summed task vectors (0.4: the TIES reference code's task-arithmetic example)"),
+        "weights": WEIGHTS,
+    },  # fmt: skip
+    prepare=lambda p: {**p, "combine": "linear"},
+    doc="theta_0 + lam * sum_t w_t tau_t.",
+)
 
 
-def elect_sign(tau: torch.Tensor) -> torch.Tensor:
-    """TIES sign election by total mass: ``sign(sum_t tau_t)``; zeros take the majority elected sign (+1 on a tie)."""
-    sign = torch.sign(tau.sum(0))
-    majority = 1.0 if sign.sum() >= 0 else -1.0
-    return torch.where(sign == 0, torch.full_like(sign, majority), sign)
+gta_method(
+    "ties",
+    "TIES-Merging",
+    "https://arxiv.org/abs/2306.01708",
+    {
+        "density": Param(0.2, "kept fraction of each task vector's magnitudes (top-k, k = 20%)"),
+        "lam": LAM,
+        "weights": WEIGHTS,
+        "scope": SCOPE,
+        "sign": SIGN,
+        "weighted_sign": WEIGHTED_SIGN,
+        "divisor": DIVISOR,
+    },
+    prepare=lambda p: {**p, "combine": "ties", "trim_scope": p["scope"]},
+    validate=_check_density,
+    doc="Trim each tau_t to its top-density magnitudes (scope: tensor / row / whole model), elect a sign per entry "
+    "(zeros -> the majority elected sign of the scope), disjoint mean of the agreeing entries, scale by lam.",
+)
 
 
-def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Mean over tasks of the entries whose sign agrees with the elected ``sign`` (zeros are not counted)."""
-    agree = torch.sign(tau) == sign.unsqueeze(0)
-    kept = tau * agree
-    return kept.sum(0) / agree.sum(0).clamp_min(1)
+def _validate_dare(p):
+    if not 0.0 <= p["drop"] < 1.0:
+        raise ValueError(f"drop={p['drop']}: expected 0 <= drop < 1")
+    _check_density(p)
 
 
-@register("ties")
-def ties(base: torch.Tensor, finetuned: Sequence[torch.Tensor], density: float = 0.2, lam: float = 1.0) -> torch.Tensor:
-    """TIES-Merging (Yadav et al. 2023): trim to top-``density`` magnitudes, elect sign, disjoint mean, scale.
+gta_method(
+    "dare",
+    "DARE (drop and rescale)",
+    "https://arxiv.org/abs/2311.03099",
+    {
+        "drop": Param(0.1, "drop rate p of each task vector's entries (MergeLM default weight_mask_rate)"),
+        "rescale": Param(
+            "inverse",
+            "'inverse' = 1/(1-p) (paper), 'l1' = match each tensor's L1 norm (mergekit), 'none'",
+            ("inverse", "l1", "none"),
+        ),  # fmt: skip
+        "combine": Param(
+            "linear",
+            "'linear' = task arithmetic on the dropped vectors, 'ties' = TIES election and disjoint mean",
+            ("linear", "ties"),
+        ),  # fmt: skip
+        "lam": LAM,
+        "weights": WEIGHTS,
+        "seed": SEED,
+        "density": Param(
+            1.0,
+            "combine=ties: also trim to the top-density magnitudes after dropping (MergeLM "
+            "DARE+TIES trims, mergekit dare_ties does not)",
+        ),  # fmt: skip
+        "scope": SCOPE,
+        "sign": SIGN,
+        "weighted_sign": WEIGHTED_SIGN,
+        "divisor": DIVISOR,
+    },
+    prepare=lambda p: {**p, "trim_scope": p["scope"]},
+    drop="dare",
+    validate=_validate_dare,
+    doc="Drop each entry of tau_t with probability p (Bernoulli), rescale the survivors, then combine.",
+)
 
-    ``base + lam * disjoint_mean(trim(tau), elect_sign(trim(tau)))``. Trimming here is per tensor.
-    """
-    trimmed = trim_topk(_task_vectors(base, finetuned), density)
-    return base.float() + lam * disjoint_mean(trimmed, elect_sign(trimmed))
+
+def _validate_della(p):
+    _check_density(p)
+    lo, hi = p["density"] - p["epsilon"], p["density"] + p["epsilon"]
+    if p["epsilon"] < 0 or lo <= 0 or hi > 1:
+        raise ValueError(
+            f"density={p['density']}, epsilon={p['epsilon']}: keep probabilities density -/+ epsilon must lie in (0, 1]"
+        )
 
 
-def method_params(method: str) -> dict[str, object]:
-    """The parameters a method accepts and their defaults."""
-    fn = METHODS[method]
-    return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[2:]}
-
-
-def merge_tensors(method: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor], **params) -> torch.Tensor:
-    """Apply a registered method to one tensor; returns fp32. Unknown methods or parameters raise ValueError."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)}")
-    if not finetuned:
-        raise ValueError("finetuned: expected at least one fine-tuned tensor")
-    unknown = set(params) - set(method_params(method))
-    if unknown:
-        raise ValueError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(method_params(method))}")
-    for i, f in enumerate(finetuned):
-        if f.shape != base.shape:
-            raise ValueError(f"finetuned[{i}]: shape {tuple(f.shape)} differs from base {tuple(base.shape)}")
-    return METHODS[method](base, finetuned, **params)
+gta_method(
+    "della",
+    "DELLA-Merging (MagPrune)",
+    "https://arxiv.org/abs/2406.11617",
+    {
+        "density": Param(0.7, "mean keep probability (DELLA README: drop 0.3)"),
+        "epsilon": Param(0.07, "half window of keep probabilities: density -/+ epsilon (README window 0.14)"),
+        "lam": Param(1.1, "scale of the fused task vector (DELLA README example)"),
+        "weights": WEIGHTS,
+        "seed": SEED,
+        "rescale": Param(
+            "inverse",
+            "'inverse' = 1/p_keep per entry (paper), 'l1' = match each tensor's L1 norm (mergekit), 'none'",
+            ("inverse", "l1", "none"),
+        ),  # fmt: skip
+        "combine": Param(
+            "ties", "'ties' = elect (sum >= 0 -> +) and fuse (della), 'linear' = sum (della_linear)", ("ties", "linear")
+        ),  # fmt: skip
+        "scope": Param("row", "magnitude ranks per 'row' (paper code) or over the whole 'tensor'", ("row", "tensor")),
+    },
+    prepare=lambda p: {**p, "weighted_sign": True, "sign": "total"},
+    drop="della",
+    majority=False,
+    validate=_validate_della,
+    chunkable=lambda p: p["scope"] == "row",
+    doc="MagPrune: keep each entry with probability rising linearly with its magnitude rank, rescale by 1/p, "
+    "elect signs on w_t * tau_t (sum >= 0 -> +), weighted disjoint mean, scale by lam.",
+)

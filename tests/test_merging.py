@@ -89,12 +89,13 @@ def checkpoints(tmp_path):
 
 def test_streaming_merge_equals_in_memory(checkpoints, tmp_path):
     base, fts = checkpoints
-    path = merge(base, fts, tmp_path / "out", method="ties", density=0.5, progress=False)
+    # scope="tensor": thresholds per tensor, as merge_tensors on one tensor (the default, "global", spans the model)
+    path = merge(base, fts, tmp_path / "out", method="ties", density=0.5, scope="tensor", progress=False)
     out = load_file(path)
     b = load_file(base / "model.safetensors")
     f = [load_file(p / "model.safetensors") for p in fts]
     for name in ("w", "b"):
-        expected = merge_tensors("ties", b[name], [x[name] for x in f], density=0.5).to(b[name].dtype)
+        expected = merge_tensors("ties", b[name], [x[name] for x in f], density=0.5, scope="tensor").to(b[name].dtype)
         assert out[name].dtype == b[name].dtype
         torch.testing.assert_close(out[name], expected)
     assert torch.equal(out["steps"], b["steps"])  # integer buffers come from the base

@@ -1,0 +1,84 @@
+"""Per-task accuracy of a merged model and its inputs; normalized accuracy = merged / the task's own fine-tune."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from merging.io import Checkpoint
+from moe.config import DataConfig, ModelConfig, RouterConfig
+from moe.data import TaskSplit, build_splits
+from moe.evaluate import evaluate_tasks
+from moe.export import Checkpoint as StateCheckpoint
+from moe.export import load_weights_into, read_config
+from moe.model import MoETransformer
+
+
+def load_merged(path: str | os.PathLike) -> MoETransformer:
+    """Any checkpoint ``merging`` reads (sharded outputs and ``.ckpt`` included) as an ``MoETransformer``."""
+    ck = Checkpoint(path)
+    if (ck.folder / "config.json").is_file():
+        model_cfg, router_cfg = read_config(ck.folder / "config.json")
+    elif ck.hparams.get("model"):
+        model_cfg, router_cfg = ModelConfig(**ck.hparams["model"]), RouterConfig(**ck.hparams.get("router", {}))
+    else:
+        raise FileNotFoundError(f"{path}: no config.json beside the weights and no hyper-parameters in the checkpoint")
+    model = MoETransformer(model_cfg, router_cfg)
+    state = {name: ck.read(name) for name in ck.names}
+    load_weights_into(model, StateCheckpoint(Path(path), state, model_cfg))
+    return model
+
+
+def task_owner(results: dict[str, dict[str, float]], n_models: int, tasks: list[str] | None) -> dict[str, str]:
+    """task -> label ("model{i}") of the fine-tune the merged model is compared with on that task."""
+    labels = [f"model{i}" for i in range(n_models)]
+    if tasks is not None:
+        if len(tasks) != n_models:
+            raise ValueError(f"tasks: expected {n_models} entries (one per model), got {len(tasks)}")
+        return {t: label for label, spec in zip(labels, tasks) for t in spec.split("+")}
+    merged = results["merged"]
+    return {t: max(labels, key=lambda label: results[label][t]) for t in merged}
+
+
+def normalized(results: dict[str, dict[str, float]], owners: dict[str, str]) -> dict[str, float]:
+    """merged accuracy / the owning fine-tune's accuracy, per task with an owner. A task its fine-tune never
+    solves (accuracy 0) has no normalized accuracy and is left out."""
+    return {
+        task: results["merged"][task] / results[label][task]
+        for task, label in owners.items()
+        if results[label][task] > 0
+    }
+
+
+def evaluate_paths(
+    merged: str, base: str, models: list[str], data: DataConfig, tasks: list[str] | None = None,
+    split: TaskSplit | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:  # fmt: skip
+    """(accuracy per label and task, normalized accuracy per task, owner per task) on the validation split."""
+    val = split if split is not None else build_splits(data)[1]
+    results = {}
+    for label, path in [("merged", merged), ("base", base), *((f"model{i}", m) for i, m in enumerate(models))]:
+        results[label] = evaluate_tasks(load_merged(path), val)
+    owners = task_owner(results, len(models), tasks)
+    return results, normalized(results, owners), owners
+
+
+def accuracy_table(results, norm, owners):
+    """A rich table: per task, absolute accuracy of every model and the merged one's normalized accuracy."""
+    from rich.table import Table
+
+    labels = list(results)
+    table = Table(title="Exact match per task (normalized = merged / the task's own fine-tune)")
+    table.add_column("task")
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_column("fine-tune", justify="right")
+    table.add_column("normalized", justify="right")
+    for task in results["merged"]:
+        own = owners.get(task)
+        cells = [f"{results[label][task]:.3f}" for label in labels]
+        table.add_row(task, *cells, own or "-", f"{norm[task]:.3f}" if task in norm else "-")
+    means = [f"{sum(results[label].values()) / len(results[label]):.3f}" for label in labels]
+    mean_norm = sum(norm.values()) / len(norm) if norm else float("nan")
+    table.add_row("[bold]mean[/bold]", *means, "", f"[bold]{mean_norm:.3f}[/bold]")
+    return table

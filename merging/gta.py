@@ -1,0 +1,167 @@
+"""Generalized task arithmetic: drop (DARE / DELLA) -> trim (TIES) -> combine (sum, or elect + disjoint mean).
+
+``gta_method`` registers one configuration; ``merging/methods.py`` holds the configurations. Every step is a
+row-local or elementwise operation given its population statistics (Stages), so a tensor can be merged in row
+chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merging.registry import Chunk, Method, Stage, register
+from merging.sparsify import (
+    bernoulli_keep,
+    disjoint_mean,
+    elect_sign,
+    keep_rank,
+    magprune_keep_prob,
+    per_model,
+    trim_by,
+    trim_rows,
+    weights_of,
+)
+
+
+def info_of(tau_hat: torch.Tensor) -> dict:
+    """Per chunk: kept (nonzero) entries per model, entries where the kept entries disagree in sign, active ones."""
+    s = torch.sign(tau_hat)
+    signs = s.amax(0).clamp_min_(0) + s.amin(0).neg_().clamp_min_(0)  # 1: one sign present, 2: both
+    return {
+        "kept": s.abs_().flatten(1).sum(1).double(),  # fp32 counts: exact up to 2^24 per chunk
+        "conflict": (signs - 1).clamp_min_(0).sum().double(),
+        "active": signs.clamp_max_(1).sum().double(),
+    }
+
+
+def weighted(tau: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return tau if bool((w == 1).all()) else tau * per_model(w, tau)
+
+
+def _dropped(chunk: Chunk, stats: dict, p: dict, drop: str | None) -> torch.Tensor:
+    """tau after the drop step (DARE / DELLA) with its rescale; tau itself when there is none."""
+    tau = chunk.tau
+    if drop is None:
+        return tau
+    R, C = tau.shape[1:]
+    if drop == "dare":
+        keep_prob = 1.0 - p["drop"]
+        if keep_prob >= 1.0:
+            return tau
+    else:
+        keep_prob = magprune_keep_prob(tau, p["density"], p["epsilon"], p["scope"])
+    kept = bernoulli_keep((R, C), keep_prob, chunk.gens).mul_(tau)
+    if p["rescale"] == "inverse":
+        return kept.div_(keep_prob)
+    if p["rescale"] == "l1" and "l1" in stats:
+        full, part = stats["l1"][:, 0], stats["l1"][:, 1]
+        ok = (full > 1e-7) & (part > 1e-7)
+        scale = torch.where(ok, full / torch.where(ok, part, torch.ones_like(part)), torch.ones_like(full))
+        return kept * per_model(scale.float(), kept)
+    return kept
+
+
+def _trimmed(tau: torch.Tensor, stats: dict, p: dict) -> torch.Tensor:
+    if p.get("density", 1.0) >= 1.0 or "trim_scope" not in p:
+        return tau
+    if p["trim_scope"] == "row":
+        return trim_rows(tau, p["density"])
+    return trim_by(tau, stats["trim"][:, 0])
+
+
+def _sparsified(chunk: Chunk, stats: dict, p: dict, spec: dict) -> torch.Tensor:
+    return _trimmed(_dropped(chunk, stats, p, spec["drop"]), stats, p)
+
+
+def _electorate(tau_hat: torch.Tensor, w: torch.Tensor, p: dict) -> torch.Tensor:
+    return weighted(tau_hat, w) if p.get("weighted_sign", True) else tau_hat
+
+
+def _gta_stages(spec: dict):
+    def stages(p: dict) -> list[Stage]:
+        out = []
+        drop = spec["drop"]
+        if drop is not None and p.get("rescale") == "l1":
+
+            def l1(chunk, stats):
+                kept = _dropped(chunk, {}, {**p, "rescale": "none"}, drop)
+                return torch.stack(
+                    [
+                        chunk.tau.abs().flatten(1).sum(1, dtype=torch.float64),
+                        kept.abs().flatten(1).sum(1, dtype=torch.float64),
+                    ],
+                    1,
+                )
+
+            out.append(Stage("l1", "sum", l1, level="tensor", random=True))
+        trims = p.get("density", 1.0) < 1.0 and "trim_scope" in p
+        if trims and p["trim_scope"] != "row":
+            out.append(
+                Stage(
+                    "trim",
+                    "select",
+                    lambda c, s: _dropped(c, s, p, drop).abs().flatten(1),
+                    level=p["trim_scope"],
+                    ranks=lambda d: [keep_rank(d, p["density"])],
+                    random=drop is not None,
+                )
+            )
+        if spec["majority"] and p["combine"] == "ties" and not (trims and p["trim_scope"] == "row"):
+
+            def votes(chunk, stats):
+                tau_hat = _sparsified(chunk, stats, p, spec)
+                w = weights_of(p.get("weights"), chunk.n)
+                return elect_sign(_electorate(tau_hat, w, p), p["sign"], majority=0.0).sum()
+
+            level = p["trim_scope"] if trims else "tensor"
+            out.append(Stage("votes", "sum", votes, level=level, random=drop is not None, inline=True))
+        return out
+
+    return stages
+
+
+def _gta_apply(spec: dict):
+    def apply(chunk: Chunk, stats: dict, p: dict):
+        w = weights_of(p.get("weights"), chunk.n)
+        tau_hat = _sparsified(chunk, stats, p, spec)
+        if p["combine"] == "ties":
+            raw = elect_sign(_electorate(tau_hat, w, p), p["sign"], majority=0.0)  # 0 where the vote ties
+            if not spec["majority"]:
+                majority = 1.0
+            elif "votes" in stats:
+                majority = 1.0 if stats["votes"] >= 0 else -1.0
+            else:  # this chunk is the whole population (inline), or row scope: the majority of each row
+                row_scope = p.get("density", 1.0) < 1.0 and p.get("trim_scope") == "row"
+                total = raw.sum(-1, keepdim=True) if row_scope else raw.sum()
+                majority = torch.where(total >= 0, 1.0, -1.0)
+            gamma = torch.where(raw == 0, majority, raw)
+            merged = disjoint_mean(tau_hat, gamma, w, p.get("divisor", "weights"))
+        else:
+            merged = weighted(tau_hat, w).sum(0)
+        return chunk.base + p["lam"] * merged, info_of(tau_hat)
+
+    return apply
+
+
+def gta_method(name, pretty, url, params, prepare, drop=None, majority=True, validate=None, chunkable=None, doc=""):
+    """Register a generalized-task-arithmetic method. ``prepare(p)`` adds the settings the method fixes itself
+    (``combine``; ``trim_scope``, present only for methods that trim by magnitude)."""
+    spec = {"drop": drop, "majority": majority}
+    full = prepare
+
+    stages = _gta_stages(spec)
+    apply = _gta_apply(spec)
+    return register(
+        Method(
+            name=name,
+            pretty_name=pretty,
+            reference_url=url,
+            params=params,
+            apply=lambda chunk, stats, p: apply(chunk, stats, full(p)),
+            stages=lambda p: stages(full(p)),
+            random=lambda p: drop is not None,
+            validate=lambda p, n: validate(full(p)) if validate else None,
+            chunkable=(lambda p: chunkable(full(p))) if chunkable else (lambda p: True),
+            doc=doc,
+        )
+    )

@@ -1,0 +1,124 @@
+"""Sparsifiers and sign consensus over a stack of task vectors ``tau [N, R, C]`` (N models, rows of one tensor).
+
+Magnitude trim (TIES), Bernoulli drop (DARE), rank-based MagPrune (DELLA), sign election and the disjoint mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def weights_of(weights, n: int) -> torch.Tensor:
+    """``[N]`` model weights (all 1 when None)."""
+    return torch.ones(n) if weights is None else torch.tensor([float(w) for w in weights])
+
+
+def per_model(w_N: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape ``[N]`` to broadcast against ``[N, ...]``."""
+    return w_N.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def keep_rank(count: int, density: float) -> int:
+    """1-based rank (ascending) of the smallest kept magnitude when keeping ``ceil(density * count)`` entries."""
+    return count - math.ceil(density * count) + 1
+
+
+def trim_topk(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep, per task vector (dim 0, flattened), its ``ceil(density * d)`` largest magnitudes; zero the rest.
+
+    Entries tied with the threshold magnitude are all kept. (The TIES reference code thresholds at the
+    ``(d - int(d*K))``-th smallest magnitude, which keeps one entry more than ``int(d*K)``.)
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density={density}: expected 0 < density <= 1")
+    flat = tau.reshape(tau.shape[0], -1)
+    if density == 1.0:
+        return tau.clone()
+    thresh = flat.abs().kthvalue(keep_rank(flat.shape[1], density), dim=1, keepdim=True).values
+    return (flat * (flat.abs() >= thresh)).reshape(tau.shape)
+
+
+def trim_rows(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """``trim_topk`` applied to every row (last dim) of ``tau [N, R, C]`` separately."""
+    if density == 1.0:
+        return tau
+    C = tau.shape[-1]
+    thresh = tau.abs().kthvalue(keep_rank(C, density), dim=-1, keepdim=True).values
+    return tau * (tau.abs() >= thresh)
+
+
+def below(value: float) -> float:
+    """The largest fp32 value below ``value``: ``|x| > below(t)`` is ``|x| >= t`` for fp32 x."""
+    t = torch.tensor(value, dtype=torch.float32)
+    return torch.nextafter(t, torch.tensor(-float("inf"))).item()
+
+
+def trim_by(tau: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+    """Zero the entries of each ``tau[t]`` whose magnitude is below ``thresh[t]`` (entries equal to it stay)."""
+    out = torch.empty_like(tau)
+    for t in range(tau.shape[0]):
+        thr = float(thresh[t])
+        if thr <= 0:
+            out[t].copy_(tau[t])
+        else:
+            out[t].copy_(F.hardshrink(tau[t], below(thr)))
+    return out
+
+
+def elect_sign(tau: torch.Tensor, sign: str = "total", majority: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Elected sign per entry: ``sign(sum_t tau_t)`` ("total", by mass) or ``sign(sum_t sign(tau_t))``
+    ("frequency", by vote count). Entries whose sum is 0 take ``majority`` (default: the sign of the sum of the
+    elected signs over ``tau``, +1 on a tie), as the TIES reference code does.
+    """
+    s = tau.sum(0) if sign == "total" else torch.sign(tau).sum(0)
+    gamma = torch.sign(s)
+    if majority is None:
+        majority = 1.0 if gamma.sum() >= 0 else -1.0
+    return (
+        torch.where(gamma == 0, majority, gamma)
+        if torch.is_tensor(majority)
+        else gamma.masked_fill(gamma == 0, majority)
+    )
+
+
+def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor, w_N: torch.Tensor | None = None, divisor="weights"):
+    """``sum_t w_t tau_t [sign(tau_t) = sign] / sum_t d_t [sign(tau_t) = sign]`` (0/0 -> 0); zeros never agree.
+
+    ``d_t = w_t`` (divisor "weights": the weighted mean; the TIES mean when all w_t = 1) or 1 ("count", PEFT).
+    """
+    agreeing = (tau * sign.unsqueeze(0)).relu_()  # |tau_t| where its sign agrees, else 0
+    count = torch.sign(agreeing)
+    if w_N is not None and not bool((w_N == 1).all()):
+        wb = per_model(w_N, tau)
+        num = (agreeing * wb).sum(0)
+        den = (count * wb).sum(0) if divisor == "weights" else count.sum(0)
+    else:
+        num, den = agreeing.sum(0), count.sum(0)
+    return num * sign / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def bernoulli_keep(shape, keep_prob, gens: list[torch.Generator]) -> torch.Tensor:
+    """``[N, *shape]`` float keep mask: model t draws u ~ U[0, 1) from ``gens[t]`` and keeps where
+    ``floor(u + keep_prob) = 1`` (probability keep_prob; keep_prob: float or ``[N, *shape]``)."""
+    u = torch.empty(len(gens), *shape)
+    for t, g in enumerate(gens):
+        torch.rand(shape, generator=g, out=u[t])
+    return u.add_(keep_prob).floor_()
+
+
+def magprune_keep_prob(tau: torch.Tensor, density: float, epsilon: float, scope: str = "row") -> torch.Tensor:
+    """DELLA MagPrune keep probabilities ``[N, R, C]``: entries ranked by |tau| ascending within each row
+    (scope "row") or over the whole tensor ("tensor"); normalized rank r in [0, 1];
+    ``p_keep = density - epsilon + 2 * epsilon * r``. A single-entry population gets r = 1/2 (p_keep = density).
+    Equal magnitudes are ranked by position.
+    """
+    flat = tau.abs().reshape(tau.shape[0], -1) if scope == "tensor" else tau.abs()
+    m = flat.shape[-1]
+    order = flat.contiguous().view(torch.int32).argsort(dim=-1, stable=True)  # |x| >= 0: int32 bits sort alike, faster
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(m).expand_as(order))
+    r = ranks.float() / (m - 1) if m > 1 else torch.full(flat.shape, 0.5)
+    return (density - epsilon + 2 * epsilon * r).reshape(tau.shape)

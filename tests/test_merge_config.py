@@ -1,0 +1,58 @@
+"""Hydra configs of the merge CLI: every method yaml composes, its keys are the method's parameters, and its values
+are the Python defaults (one set of names and defaults in Python and Hydra). Normalized accuracy by hand."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from merging import METHODS
+from merging.config import MergeConfig, register_configs
+from merging.evaluate import normalized, task_owner
+
+from .conftest import CONF
+
+register_configs()
+METHOD_FILES = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", METHOD_FILES)
+def test_method_yaml_matches_the_python_defaults(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("merge", overrides=["base=b", "models=[m1,m2]", "out=o", f"method={name}"])
+    config: MergeConfig = OmegaConf.to_object(cfg)
+    assert config.method.name == name
+    params = config.method.params()
+    spec = METHODS[name].params
+    assert set(params) <= set(spec), f"{name}.yaml sets keys the method does not take"
+    for key, value in params.items():
+        assert value == spec[key].default, f"{name}.yaml: {key}={value}, Python default {spec[key].default}"
+    METHODS[name].resolve(params, 2)  # valid as shipped
+    assert set(METHODS) <= set(METHOD_FILES)  # every registered method has a yaml
+
+
+def test_cli_overrides_reach_the_method_and_typos_fail():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("merge", overrides=["base=b", "models=[m]", "out=o", "method=dare", "method.drop=0.3",
+                                          "method.combine=ties", "router_source=0", "exclude=[norm]"])  # fmt: skip
+        config: MergeConfig = OmegaConf.to_object(cfg)
+        assert config.method.params()["drop"] == 0.3 and config.router_source == "0" and config.exclude == ["norm"]
+        with pytest.raises(Exception, match="dropp"):
+            compose("merge", overrides=["base=b", "models=[m]", "out=o", "method.dropp=0.3"])
+
+
+def test_normalized_accuracy_by_hand():
+    results = {
+        "merged": {"copy": 0.9, "sort": 0.3, "add": 0.2},
+        "base": {"copy": 0.5, "sort": 0.1, "add": 0.2},
+        "model0": {"copy": 1.0, "sort": 0.1, "add": 0.2},
+        "model1": {"copy": 0.4, "sort": 0.6, "add": 0.25},
+    }
+    owners = task_owner(results, 2, ["copy", "sort"])
+    assert owners == {"copy": "model0", "sort": "model1"}
+    assert normalized(results, owners) == pytest.approx({"copy": 0.9, "sort": 0.5})
+    unsolved = {**results, "model1": {**results["model1"], "sort": 0.0}}
+    assert normalized(unsolved, owners) == pytest.approx({"copy": 0.9})  # no normalized score without a reference
+    # without the task list, each task's owner is its best model
+    assert task_owner(results, 2, None) == {"copy": "model0", "sort": "model1", "add": "model1"}
+    with pytest.raises(ValueError, match="tasks"):
+        task_owner(results, 2, ["copy"])
