@@ -115,7 +115,7 @@ class OptimConfig:
 class TrainerConfig:
     """Subset of ``lightning.Trainer`` arguments; ``extra`` is passed through unchanged."""
 
-    max_steps: int = 1400
+    max_steps: int = 1300
     max_time: str | None = None  # "DD:HH:MM:SS"; stops early when reached
     accelerator: str = "auto"
     devices: Any = 1
