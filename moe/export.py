@@ -22,7 +22,7 @@ CONFIG_NAME = "config.json"
 LIGHTNING_PREFIX = "model."
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Run ``write(tmp_path)`` then rename over ``path``, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,8 +40,8 @@ def export_model(model: MoETransformer, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     config = {"model": asdict(model.cfg), "router": asdict(model.router_cfg)}
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     return out / WEIGHTS_NAME
 
 

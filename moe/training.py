@@ -17,7 +17,7 @@ from rich.table import Table
 from moe.config import LoggerConfig, TrainConfig
 from moe.data import MultiTaskDataModule
 from moe.evaluate import evaluate_tasks
-from moe.export import _atomic_write, export_model, load_checkpoint, load_weights_into
+from moe.export import atomic_write, export_model, load_checkpoint, load_weights_into
 from moe.lightning import MoELitModule
 
 
@@ -121,7 +121,7 @@ def run(cfg: TrainConfig) -> dict:
             "safetensors": str(weights.resolve()),
             "steps": trainer.global_step,
         }
-        _atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
+        atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
         Console().print(accuracy_table(accs, f"Exact match on validation after {trainer.global_step} steps"))
         print(f"results: {out / 'results.json'}\nexport:  {weights.parent}")
         return results
