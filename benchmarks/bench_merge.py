@@ -110,8 +110,9 @@ sys.stderr.write(rc.stderr[-2000:])
 """
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of ``cmd`` run as its own process."""
+def timed(cmd: list[str], env: dict, out: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of ``cmd`` run as its own process, writing to a fresh ``out``."""
+    shutil.rmtree(out, ignore_errors=True)  # both tools start from an empty output (deleting is not merging)
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, env=env)
     rc, wall, rss = proc.stdout.split()
     if rc != "0":
@@ -175,11 +176,11 @@ def main() -> None:
         rows = []
         for name in args.methods.split(","):
             method, params, mk_method, mk_params = METHODS[name]
-            best = min((timed(ours(fix, tmp / "out", args.models, method, params), env) for _ in range(args.repeat)),
+            best = min((timed(ours(fix, tmp / "out", args.models, method, params), env, tmp / "out") for _ in range(args.repeat)),
                        key=lambda r: r[0])  # fmt: skip
             row = {"method": name, "ours_s": best[0], "ours_rss_gb": best[1] / 1e9}
             if has_mk and mk_method:
-                mk = min((timed(mergekit(fix, tmp / "mk", args.models, mk_method, mk_params, tmp), env)
+                mk = min((timed(mergekit(fix, tmp / "mk", args.models, mk_method, mk_params, tmp), env, tmp / "mk")
                           for _ in range(args.repeat)), key=lambda r: r[0])  # fmt: skip
                 row.update(mergekit_s=mk[0], mergekit_rss_gb=mk[1] / 1e9, speedup=mk[0] / best[0])
             rows.append(row)

@@ -24,13 +24,14 @@ from merging.sparsify import (
 
 
 def info_of(tau_hat: torch.Tensor) -> dict:
-    """Per chunk: kept (nonzero) entries per model, entries where the kept entries disagree in sign, active ones."""
-    s = torch.sign(tau_hat)
-    signs = s.amax(0).clamp_min_(0) + s.amin(0).neg_().clamp_min_(0)  # 1: one sign present, 2: both
+    """Per chunk: kept (nonzero) entries per model; entries where kept entries of both signs meet (conflict);
+    entries with any kept entry (active). Counted as sums of 0/1 floats (the fast reductions on the CPU)."""
+    pos = tau_hat.amax(0).clamp_min_(0)  # > 0 where some model's entry is positive
+    neg = tau_hat.amin(0).clamp_max_(0).neg_()  # > 0 where some model's entry is negative
     return {
-        "kept": s.abs_().flatten(1).sum(1).double(),  # fp32 counts: exact up to 2^24 per chunk
-        "conflict": (signs - 1).clamp_min_(0).sum().double(),
-        "active": signs.clamp_max_(1).sum().double(),
+        "kept": torch.sign(tau_hat.flatten(1)).abs_().sum(1).double(),
+        "conflict": torch.minimum(pos, neg).sign_().sum().double(),
+        "active": pos.add_(neg).sign_().sum().double(),
     }
 
 
@@ -50,7 +51,7 @@ def _dropped(chunk: Chunk, stats: dict, p: dict, drop: str | None) -> torch.Tens
             return tau
     else:
         keep_prob = magprune_keep_prob(tau, p["density"], p["epsilon"], p["scope"])
-    kept = bernoulli_keep((R, C), keep_prob, chunk.gens).mul_(tau)
+    kept = torch.where(bernoulli_keep((R, C), keep_prob, chunk.gens), tau, 0.0)
     if p["rescale"] == "inverse":
         return kept.div_(keep_prob)
     if p["rescale"] == "l1" and "l1" in stats:

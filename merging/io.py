@@ -11,8 +11,8 @@ Readers give one tensor (or a range of its rows) at a time:
   stripped as ``moe/export.py`` does.
 
 ``ShardedWriter`` streams the output: the shard layout and each shard's header are known before the first byte
-of data, so tensors are written chunk by chunk as they are merged, into a staging directory that is renamed into
-place only when every byte is there.
+of data, so every tensor's bytes go straight to their place in the staged shard, chunk by chunk, from whichever
+thread merges that tensor; the staging directory is renamed into place only when every byte is there.
 """
 
 from __future__ import annotations
@@ -220,13 +220,15 @@ def parse_size(size: int | str) -> int:
 
 
 class ShardedWriter:
-    """Writes ``entries`` ([(name, shape, dtype)], in this order) as safetensors shards of at most
-    ``shard_bytes`` each (a larger tensor gets a shard to itself): ``model.safetensors`` when one shard holds
-    everything, else ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+    """Writes ``entries`` ([(name, shape, dtype)]) as safetensors shards of at most ``shard_bytes`` each (a larger
+    tensor gets a shard to itself): ``model.safetensors`` when one shard holds everything, else
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
 
-    Data arrives through ``write(name, chunk)`` in entry order. ``commit`` moves the staged files into ``out``
-    (removing weight files of an earlier output there); ``abort`` (or any failure) removes the staging directory,
-    so an interrupted merge never leaves a partial output.
+    Every shard's header, and so every tensor's byte range, is fixed up front: ``write(name, chunk)`` appends the
+    next bytes of one tensor at its own position, so different tensors may be written in any order and from
+    several threads (each tensor's chunks in order, from one thread). ``commit`` checks that every byte arrived and
+    moves the staged files into ``out`` (removing weight files of an earlier output there); ``abort`` (or any
+    failure) removes the staging directory, so an interrupted merge never leaves a partial output.
     """
 
     def __init__(self, out: Path, entries, shard_bytes: int, metadata: dict[str, str]):
@@ -248,51 +250,47 @@ class ShardedWriter:
         self.shards = shards
         self.metadata = metadata
         self.total = sum(sizes)
-        self._sizes = sizes
-        self._shard_of = {entries[i][0]: s for s, idx in enumerate(shards) for i in idx}
-        self._pos = 0  # index into entries of the tensor being written
-        self._written = 0  # bytes of that tensor so far
-        self._file = None
-        self._shard = -1
-
-    def _open(self, s: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        header, offset = {}, 0
-        for i in self.shards[s]:
-            name, shape, dtype = self.entries[i]
-            header[name] = {
-                "dtype": ST_NAMES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + self._sizes[i]],
-            }
-            offset += self._sizes[i]
-        header["__metadata__"] = {"format": "pt", **self.metadata}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._file = open(self.stage / self.names[s], "wb")
-        self._file.write(len(raw).to_bytes(8, "little") + raw)
-        self._shard = s
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int, int, torch.dtype]] = {}  # name -> (fd, file offset, bytes, dtype)
+        self._done: dict[str, int] = {}  # bytes written per tensor
+        try:
+            for s, idx in enumerate(shards):
+                header, offset = {}, 0
+                for i in idx:
+                    name, shape, dtype = entries[i]
+                    header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape),
+                                    "data_offsets": [offset, offset + sizes[i]]}  # fmt: skip
+                    offset += sizes[i]
+                header["__metadata__"] = {"format": "pt", **metadata}
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)
+                fd = os.open(self.stage / self.names[s], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.write(fd, len(raw).to_bytes(8, "little") + raw)
+                start = 8 + len(raw)
+                for i in idx:
+                    name, _, dtype = entries[i]
+                    self._where[name] = (fd, start + header[name]["data_offsets"][0], sizes[i], dtype)
+                    self._done[name] = 0
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, data: torch.Tensor) -> None:
         """Append the next bytes of tensor ``name`` (already in its output dtype)."""
-        if self._pos >= len(self.entries) or self.entries[self._pos][0] != name:
-            expected = self.entries[self._pos][0] if self._pos < len(self.entries) else None
-            raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r}")
-        if self._shard_of[name] != self._shard:
-            self._open(self._shard_of[name])
-        if data.dtype != self.entries[self._pos][2]:
-            raise RuntimeError(f"writer: tensor {name!r} has dtype {data.dtype}, planned {self.entries[self._pos][2]}")
-        raw = data.contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(raw.numpy()))
-        self._written += raw.numel()
-        if self._written > self._sizes[self._pos]:
+        if name not in self._where:
+            raise RuntimeError(f"writer: tensor {name!r} is not in the planned output")
+        fd, start, size, dtype = self._where[name]
+        if data.dtype != dtype:
+            raise RuntimeError(f"writer: tensor {name!r} has dtype {data.dtype}, planned {dtype}")
+        raw = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = self._done[name]
+        if done + len(raw) > size:
             raise RuntimeError(f"writer: tensor {name!r} got more bytes than its shape holds")
-        if self._written == self._sizes[self._pos]:
-            self._pos += 1
-            self._written = 0
-            while self._pos < len(self.entries) and self._sizes[self._pos] == 0:
-                self._pos += 1
+        got = 0
+        while got < len(raw):
+            got += os.pwrite(fd, raw[got:], start + done + got)
+        self._done[name] = done + len(raw)
 
     def add_file(self, name: str, src: Path | None = None, text: str | None = None) -> None:
         """Stage an extra file (config, tokenizer, report) to be committed with the weights."""
@@ -302,11 +300,10 @@ class ShardedWriter:
             (self.stage / name).write_text(text)
 
     def commit(self) -> Path:
-        if self._pos < len(self.entries):
-            raise RuntimeError(f"writer: tensor {self.entries[self._pos][0]!r} was not written completely")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        short = [n for n, (_, _, size, _) in self._where.items() if self._done[n] != size]
+        if short:
+            raise RuntimeError(f"writer: tensor {short[0]!r} was not written completely ({len(short)} tensors short)")
+        self._close()
         if len(self.names) > 1:
             weight_map = {self.entries[i][0]: self.names[s] for s, idx in enumerate(self.shards) for i in idx}
             index = {"metadata": {"total_size": self.total, **self.metadata}, "weight_map": weight_map}
@@ -321,10 +318,13 @@ class ShardedWriter:
         return self.out / (WEIGHTS_NAME if len(self.names) == 1 else INDEX_NAME)
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close()
         shutil.rmtree(self.stage, ignore_errors=True)
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
 
 def _nbytes(shape, dtype) -> int:

@@ -12,17 +12,18 @@ of the checkpoints.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from merging.heap import heap_policy, release_above
 from merging.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, parse_size, row_shape
 from merging.registry import METHODS, Chunk, Method, Stage, apply_with_stats, gather_in_memory
 from merging.select import SAMPLE
@@ -32,7 +33,8 @@ VOCAB_PATTERN = r"(embed|lm_head|wte|shared|word_embeddings|(^|\.)head\.)"
 EXPERT_PATTERN = r"(\.experts\.|\.moe\.w_(gate|up|down)$)"  # batched [E, ...] expert weights
 ROUTER_PATTERN = r"\.router\."  # router weights and buffers (gate, expert_bias, ...)
 TIED = {"lm_head.weight": "model.embed_tokens.weight", "head.weight": "embed.weight"}
-CHUNK_ELEMS = 1 << 20  # rows per chunk = CHUNK_ELEMS // row length; N x 4 MiB fp32 working tensors
+CHUNK_ELEMS = 1 << 18  # rows per chunk = CHUNK_ELEMS // row length; N x 1 MiB fp32 working tensors (cache-sized)
+HOLD_BYTES = 256 << 20  # a unit read whole (fp32 base + N task vectors) for multi-pass methods: at most this
 REPORT_NAME = "merge_report.json"
 
 
@@ -61,12 +63,29 @@ class Entry:
 
 
 class Loader:
-    """Reads rows of one output tensor from the base and every model, in fp32, as a ``Chunk``."""
+    """Reads rows of one output tensor from the base and every model, in fp32, as a ``Chunk``.
+
+    ``hold(e, unit)`` reads a whole unit once and serves its rows from memory until ``release()``: methods that
+    pass over a tensor several times (thresholds, votes) then read and convert it once."""
 
     def __init__(self, base: Checkpoint, models: list[Checkpoint]):
         self.base, self.models = base, models
+        self._held: dict[int, Chunk] = {}  # id(unit) -> the whole unit (one per merging thread at most)
+
+    def hold(self, e: Entry, unit: Unit) -> None:
+        self._held[id(unit)] = self._read(e, unit, unit.r0, unit.r1)
+
+    def release(self, unit: Unit) -> None:
+        self._held.pop(id(unit), None)
 
     def rows(self, e: Entry, unit: Unit, r0: int, r1: int) -> Chunk:
+        whole = self._held.get(id(unit))
+        if whole is not None:
+            a, b = r0 - unit.r0, r1 - unit.r0
+            return Chunk(name=unit.key, base=whole.base[a:b], tau=whole.tau[:, a:b], shape=unit.shape, row0=a)
+        return self._read(e, unit, r0, r1)
+
+    def _read(self, e: Entry, unit: Unit, r0: int, r1: int) -> Chunk:
         b = self.base.read(e.name, (r0, r1)).float()
         tau = torch.empty(len(self.models), *b.shape)
         for i, (m, src, have) in enumerate(zip(self.models, e.sources, e.rows)):
@@ -159,8 +178,10 @@ class Engine:
     """Runs one method over the planned units: global stages first (``gather_global``), then per unit its tensor
     stages and the merge (``merge_unit``). Single-chunk units are read once for all of it."""
 
-    def __init__(self, m: Method, p: dict, loader: Loader, entries: list[Entry], chunk_elems: int, report=True):
+    def __init__(self, m: Method, p: dict, loader: Loader, entries: list[Entry], chunk_elems: int, report=True,
+                 hold_bytes: int = 0):  # fmt: skip
         self.m, self.p, self.loader, self.entries, self.chunk_elems = m, p, loader, entries, chunk_elems
+        self.hold_bytes = hold_bytes
         self.report = report
         self.stages = m.stages(p)
         self.chunked = m.chunkable(p)
@@ -242,15 +263,23 @@ class Engine:
             merged, info = apply_with_stats(self.m, self.p, c, self.global_stats)
             self._emit(report, c, merged, info, write, e)
             return
-        stats = self.stats_for(e, u, len(self.stages))
-        for c in self._unit_chunks(e, u, self.m.random(self.p)):
-            merged, info = self.m.apply(c, stats, self.p)
-            self._emit(report, c, merged, info, write, e)
+        if any(s.level == "tensor" for s in self.stages) and self._fits(e, u):
+            self.loader.hold(e, u)  # several passes over this unit: read and convert it once
+        try:
+            stats = self.stats_for(e, u, len(self.stages))
+            for c in self._unit_chunks(e, u, self.m.random(self.p)):
+                merged, info = self.m.apply(c, stats, self.p)
+                self._emit(report, c, merged, info, write, e)
+        finally:
+            self.loader.release(u)
 
     def _emit(self, report, c, merged, info, write, e) -> None:
         if self.report:
             _account(report, c, merged, info)
         write(merged.to(e.out_dtype))
+
+    def _fits(self, e: Entry, u: Unit) -> bool:
+        return (self.n + 1) * (u.r1 - u.r0) * row_shape(e.shape)[1] * 4 <= self.hold_bytes
 
     def _single(self, e: Entry, u: Unit) -> bool:
         return not self.chunked or (u.r1 - u.r0) * row_shape(e.shape)[1] <= self.chunk_elems
@@ -310,6 +339,8 @@ def merge(
     router_source: str = "merge",
     shard_size: int | str = "5GB",
     chunk_elems: int = CHUNK_ELEMS,
+    hold_bytes: int = HOLD_BYTES,
+    workers: int | None = None,
     report: bool = True,
     **params,
 ) -> Path:
@@ -331,6 +362,11 @@ def merge(
       random streams and report per expert).
     - router_source: ``*.router.*`` tensors: "merge" (with the method), "base", or a model index "0".."N-1" to keep.
     - shard_size: the largest output shard in bytes ("5GB", "500MB", ...).
+    - chunk_elems: entries per model in one streamed chunk (whole rows; small enough to stay in cache).
+    - hold_bytes: methods that pass over a tensor more than once (thresholds, votes) read a tensor whose fp32
+      base and task vectors fit in this many bytes once and keep it in memory; larger ones are re-read per pass.
+    - workers: tensors merged at once, each on its own thread with single-threaded torch ops (default: torch's
+      thread count). The output is identical for any number: every tensor is merged the same way on its own.
     - params: the method's parameters (see ``merging.METHODS[method].params``).
     """
     if method not in METHODS:
@@ -370,17 +406,12 @@ def merge(
     }
     created = not out.exists()
     writer = ShardedWriter(out, [(e.name, e.shape, e.out_dtype) for e in entries], parse_size(shard_size), meta)
-    raw_report: dict = {}
     try:
-        engine = Engine(m, p, Loader(base_ck, model_cks), entries, chunk_elems, report)
-        with _progress(progress, len(entries), method) as (advance, describe):
+        engine = Engine(m, p, Loader(base_ck, model_cks), entries, chunk_elems, report, hold_bytes)
+        with heap_policy(), _progress(progress, len(entries), method) as (advance, describe):
             engine.gather_global(describe)
             describe(f"merging ({method})")
-            for e in entries:
-                for u in e.units:
-                    engine.merge_unit(e, u, lambda data, name=e.name: writer.write(name, data), raw_report)
-                _release_free_memory()
-                advance()
+            raw_report = _merge_entries(engine, entries, writer, workers or torch.get_num_threads(), advance)
         _stage_side_files(writer, base_ck)
         if report:
             doc = {"method": method, "params": p, "base": str(base), "models": [str(x) for x in models],
@@ -394,30 +425,33 @@ def merge(
         raise
 
 
-def _release_free_memory(limit: int = 1 << 30) -> None:
-    """When the resident set passes ``limit`` bytes, hand freed heap pages back to the OS (glibc ``malloc_trim``).
+def _merge_entries(engine: Engine, entries: list[Entry], writer: ShardedWriter, workers: int, advance) -> dict:
+    """Merge every entry into ``writer``; returns the raw report. With ``workers`` > 1, entries are merged on that
+    many threads, each running single-threaded torch ops (one op on 2 threads gains far less than 2 tensors at
+    once); entries finish in any order, their bytes go to fixed places in the output."""
 
-    Chunks of different sizes fragment the heap, and freed-but-kept pages count as resident memory; trimming after
-    every tensor would bound that too, but re-faulting the pages costs more time than it saves, so only past the
-    limit (1 GiB: the merge's own peak then stays well under the 1.5 GB budget)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if not _TRIM:
-        return
+    def one(e: Entry) -> dict:
+        report: dict = {}
+        for u in e.units:
+            engine.merge_unit(e, u, lambda data: writer.write(e.name, data), report)
+        return report
+
+    raw: dict = {}
+    if workers <= 1:
+        for e in entries:
+            raw.update(one(e))
+            release_above(1 << 30)  # keeps the merge's own peak well under 1.5 GB
+            advance()
+        return raw
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="merging", initializer=torch.set_num_threads, initargs=(1,))
     try:
-        with open("/proc/self/statm") as f:
-            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return
-    if resident > limit:
-        _TRIM(0)
-
-
-_TRIM = None
+        for done in [pool.submit(one, e) for e in entries]:  # only the running ones hold tensors
+            raw.update(done.result())
+            release_above(1 << 30)
+            advance()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return raw
 
 
 def _stage_side_files(writer: ShardedWriter, base: Checkpoint) -> None:

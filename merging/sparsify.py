@@ -5,7 +5,9 @@ Magnitude trim (TIES), Bernoulli drop (DARE), rank-based MagPrune (DELLA), sign 
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -101,12 +103,27 @@ def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor, w_N: torch.Tensor | Non
 
 
 def bernoulli_keep(shape, keep_prob, gens: list[torch.Generator]) -> torch.Tensor:
-    """``[N, *shape]`` float keep mask: model t draws u ~ U[0, 1) from ``gens[t]`` and keeps where
-    ``floor(u + keep_prob) = 1`` (probability keep_prob; keep_prob: float or ``[N, *shape]``)."""
-    u = torch.empty(len(gens), *shape)
-    for t, g in enumerate(gens):
-        torch.rand(shape, generator=g, out=u[t])
-    return u.add_(keep_prob).floor_()
+    """``[N, *shape]`` bool keep mask: model t draws r ~ U{0, ..., 2^31 - 1} (``random_`` on int32) from
+    ``gens[t]`` and keeps where ``r < keep_prob * 2^31`` (probability keep_prob to 2^-31; keep_prob: float or
+    ``[N, *shape]``). The N streams are filled on up to two threads (each generator is serial)."""
+    r = torch.empty(len(gens), *shape, dtype=torch.int32)
+    fill = lambda t: r[t].random_(generator=gens[t])  # noqa: E731
+    if len(gens) > 1 and r[0].numel() >= 1 << 16 and torch.get_num_threads() > 1:
+        list(_pool().map(fill, range(len(gens))))
+    else:
+        for t in range(len(gens)):
+            fill(t)
+    if torch.is_tensor(keep_prob):
+        return r < keep_prob * _TWO31
+    return r < math.ceil(keep_prob * _TWO31)
+
+
+_TWO31 = float(1 << 31)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(2, thread_name_prefix="merging-rng")
 
 
 def magprune_keep_prob(tau: torch.Tensor, density: float, epsilon: float, scope: str = "row") -> torch.Tensor:

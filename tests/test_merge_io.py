@@ -56,12 +56,13 @@ def ckpts(tmp_path):
                                                                       enumerate(fts)]  # fmt: skip
 
 
+@pytest.mark.parametrize("hold_bytes", [0, 1 << 20], ids=["reread", "held"])
 @pytest.mark.parametrize("case", list(PARAMS))
-def test_streaming_in_chunks_equals_in_memory(ckpts, tmp_path, case):
+def test_streaming_in_chunks_equals_in_memory(ckpts, tmp_path, case, hold_bytes):
     base, fts, bdir, fdirs = ckpts
     method, params = case.split("_")[0] if case != "task_arithmetic" else case, PARAMS[case]
     out = load_file(merge(bdir, fdirs, tmp_path / "out", method=method, progress=False, chunk_elems=40,
-                          experts=False, **params))  # fmt: skip
+                          hold_bytes=hold_bytes, experts=False, **params))  # fmt: skip
     for name, b in base.items():
         if not b.is_floating_point():
             assert torch.equal(out[name], b)

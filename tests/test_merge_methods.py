@@ -101,8 +101,9 @@ def test_dare_by_hand_from_the_named_generators():
     base = torch.zeros(6)
     taus = [torch.arange(1.0, 7.0), -torch.arange(1.0, 7.0) * 2]
     out = merge_tensors("dare", base, taus, drop=0.5, name="layer.w", seed=1, lam=1.0)
-    # model i keeps entry j where floor(u_ij + (1 - p)) = 1, u from its generator (seed, tensor name, i)
-    keep = [torch.floor(torch.rand(6, generator=generator_for(1, "layer.w", i)) + 0.5) for i in range(2)]
+    # model i keeps entry j where r_ij < (1 - p) 2^31, r uniform int31 from its generator (seed, tensor name, i)
+    draw = [torch.empty(6, dtype=torch.int32).random_(generator=generator_for(1, "layer.w", i)) for i in range(2)]
+    keep = [(r < 2**30).float() for r in draw]
     assert 0 < keep[0].sum() < 6
     expected = sum(t * k / 0.5 for t, k in zip(taus, keep))
     torch.testing.assert_close(out, expected)

@@ -1,0 +1,60 @@
+"""glibc heap settings for a streaming merge.
+
+A merge allocates and frees the same few MiB-sized buffers hundreds of thousands of times. With glibc's defaults
+those are mmapped, or trimmed off the heap top, on every free and page-faulted back in on the next allocation:
+on the 2-core benchmark machine that was 650k page faults and a third of a task-arithmetic merge. ``heap_policy``
+keeps freed memory in the heap for the duration of the merge and hands it back when the merge ends;
+``release_above`` trims mid-merge when the resident set grows past a limit. Both do nothing off glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+GLIBC_DEFAULT = 128 * 1024  # both thresholds' documented defaults
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (both must exist)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextmanager
+def heap_policy(keep: int = 512 << 20) -> Iterator[None]:
+    """Within the block, allocations below ``keep // 2`` bytes come from the heap and up to ``keep`` free bytes
+    stay there; on exit the free memory is returned to the OS and the thresholds go back to glibc's defaults."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, keep // 2)
+        libc.mallopt(M_TRIM_THRESHOLD, keep)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+            libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT)
+            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT)
+
+
+def release_above(limit: int = 1 << 30) -> None:
+    """Hand free heap pages back to the OS when the resident set exceeds ``limit`` bytes."""
+    libc = _libc()
+    if libc is None:
+        return
+    try:
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return
+    if resident > limit:
+        libc.malloc_trim(0)
