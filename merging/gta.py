@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from merging.registry import Chunk, Method, Stage, register
+from merging.registry import DEFERRED, Chunk, Method, Stage, register
 from merging.sparsify import (
     bernoulli_keep,
     disjoint_mean,
@@ -115,7 +115,8 @@ def _gta_stages(spec: dict):
                 return elect_sign(_electorate(tau_hat, w, p), p["sign"], majority=0.0).sum()
 
             level = p["trim_scope"] if trims else "tensor"
-            out.append(Stage("votes", "sum", votes, level=level, random=drop is not None, inline=True))
+            out.append(Stage("votes", "sum", votes, level=level, random=drop is not None, inline=True,
+                             deferrable=level == "tensor"))  # fmt: skip
         return out
 
     return stages
@@ -127,8 +128,16 @@ def _gta_apply(spec: dict):
         tau_hat = _sparsified(chunk, stats, p, spec)
         if p["combine"] == "ties":
             raw = elect_sign(_electorate(tau_hat, w, p), p["sign"], majority=0.0)  # 0 where the vote ties
+            deferred = None
             if not spec["majority"]:
                 majority = 1.0
+            elif stats.get(DEFERRED) and "votes" not in stats:  # +1 now; the flipped values for the caller
+                majority = 1.0
+                flip = ((raw == 0) & (tau_hat.amin(0) < 0)).flatten().nonzero().squeeze(1)  # both signs, sum 0
+                alt = tau_hat.flatten(1)[:, flip]
+                alt = chunk.base.flatten()[flip] + p["lam"] * disjoint_mean(alt, -torch.ones(flip.numel()), w,
+                                                                            p.get("divisor", "weights"))  # fmt: skip
+                deferred = (raw.sum(), flip, alt)
             elif "votes" in stats:
                 majority = 1.0 if stats["votes"] >= 0 else -1.0
             else:  # this chunk is the whole population (inline), or row scope: the majority of each row
@@ -138,8 +147,11 @@ def _gta_apply(spec: dict):
             gamma = torch.where(raw == 0, majority, raw)
             merged = disjoint_mean(tau_hat, gamma, w, p.get("divisor", "weights"))
         else:
-            merged = weighted(tau_hat, w).sum(0)
-        return chunk.base + p["lam"] * merged, info_of(tau_hat)
+            merged, deferred = weighted(tau_hat, w).sum(0), None
+        info = info_of(tau_hat)
+        if deferred is not None:
+            info[DEFERRED] = deferred
+        return chunk.base + p["lam"] * merged, info
 
     return apply
 

@@ -264,7 +264,7 @@ class ShardedWriter:
                 header["__metadata__"] = {"format": "pt", **metadata}
                 raw = json.dumps(header, separators=(",", ":")).encode()
                 raw += b" " * (-len(raw) % 8)
-                fd = os.open(self.stage / self.names[s], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(self.stage / self.names[s], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
                 os.write(fd, len(raw).to_bytes(8, "little") + raw)
                 start = 8 + len(raw)
@@ -291,6 +291,23 @@ class ShardedWriter:
         while got < len(raw):
             got += os.pwrite(fd, raw[got:], start + done + got)
         self._done[name] = done + len(raw)
+
+    def patch(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite entries ``index`` (flat, into tensor ``name``, already written) with ``values``: the span
+        they cover is read back, changed and written again (callers patch one chunk's span at a time)."""
+        fd, start, size, dtype = self._where[name]
+        item = torch.empty((), dtype=dtype).element_size()
+        lo, hi = int(index.min()), int(index.max()) + 1
+        if lo < 0 or hi * item > self._done[name]:
+            raise RuntimeError(f"writer: patch of tensor {name!r} at entries {lo}..{hi - 1} before they were written")
+        span = torch.empty((hi - lo) * item, dtype=torch.uint8)
+        view, got = memoryview(span.numpy()), 0
+        while got < len(view):
+            got += os.preadv(fd, [view[got:]], start + lo * item + got)
+        span.view(dtype)[index - lo] = values.to(dtype)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], start + lo * item + done)
 
     def add_file(self, name: str, src: Path | None = None, text: str | None = None) -> None:
         """Stage an extra file (config, tokenizer, report) to be committed with the weights."""

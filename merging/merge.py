@@ -25,7 +25,7 @@ import torch
 
 from merging.heap import heap_policy, release_above
 from merging.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, parse_size, row_shape
-from merging.registry import METHODS, Chunk, Method, Stage, apply_with_stats, gather_in_memory
+from merging.registry import DEFERRED, METHODS, Chunk, Method, Stage, apply_with_stats, gather_in_memory
 from merging.select import SAMPLE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -202,12 +202,12 @@ class Engine:
             c.gens = gens
             yield c
 
-    def stats_for(self, e: Entry, u: Unit, upto: int) -> dict:
-        """Global stats so far plus this unit's tensor-level stats of stages ``[0, upto)``."""
+    def stats_for(self, e: Entry, u: Unit, upto: int, skip=()) -> dict:
+        """Global stats so far plus this unit's tensor-level stats of stages ``[0, upto)`` (but ``skip``)."""
         own = self.tensor_stats.setdefault(u.key, {})
         stats = {**self.global_stats, **own}
         for stage in self.stages[:upto]:
-            if stage.level == "global" or stage.key in stats:
+            if stage.level == "global" or stage.key in stats or stage.key in skip:
                 continue
             own[stage.key] = stats[stage.key] = self._gather(stage, [(e, u)], stats)
         return stats
@@ -248,7 +248,7 @@ class Engine:
                 progress(f"global statistics: {stage.key}")
             self.global_stats[stage.key] = self._gather(stage, units, None) if units else torch.zeros(self.n, 1)
 
-    def merge_unit(self, e: Entry, u: Unit, write, report: dict) -> None:
+    def merge_unit(self, e: Entry, u: Unit, write, report: dict, patch=None) -> None:
         if u.mode != "merge":
             for r0, r1 in _chunks(u, row_shape(e.shape)[1], True, self.chunk_elems):
                 if u.mode == "copy":
@@ -263,15 +263,36 @@ class Engine:
             merged, info = apply_with_stats(self.m, self.p, c, self.global_stats)
             self._emit(report, c, merged, info, write, e)
             return
-        if any(s.level == "tensor" for s in self.stages) and self._fits(e, u):
+        deferred = {s.key for s in self.stages if s.deferrable and s.level == "tensor"}
+        if any(s.level == "tensor" and s.key not in deferred for s in self.stages) and self._fits(e, u):
             self.loader.hold(e, u)  # several passes over this unit: read and convert it once
         try:
-            stats = self.stats_for(e, u, len(self.stages))
+            stats = self.stats_for(e, u, len(self.stages), skip=deferred)
+            if deferred:
+                stats[DEFERRED] = True
+            total, fixes = 0.0, []
             for c in self._unit_chunks(e, u, self.m.random(self.p)):
                 merged, info = self.m.apply(c, stats, self.p)
+                if DEFERRED in info:
+                    part, flip, alt = info.pop(DEFERRED)
+                    total += float(part)
+                    if flip.numel():
+                        fixes.append((flip, alt, merged.flatten()[flip], c.base.flatten()[flip], c.row0))
                 self._emit(report, c, merged, info, write, e)
         finally:
             self.loader.release(u)
+        if fixes and total < 0:  # the deferred tie-break sign is -1: rewrite the entries it decides
+            self._fix(e, u, fixes, patch, report)
+
+    def _fix(self, e: Entry, u: Unit, fixes: list, patch, report: dict) -> None:
+        C = row_shape(e.shape)[1]
+        for flip, alt, _, _, row0 in fixes:  # one chunk's span at a time
+            patch((u.r0 + row0) * C + flip, alt.to(e.out_dtype))
+        alt, cur, base = (torch.cat([f[i] for f in fixes]) for i in (1, 2, 3))
+        if self.report:
+            r = report[u.key]
+            r["sq_merged"] = r["sq_merged"] + (alt.double().square() - cur.double().square()).sum()
+            r["sq_delta"] = r["sq_delta"] + ((alt - base).double().square() - (cur - base).double().square()).sum()
 
     def _emit(self, report, c, merged, info, write, e) -> None:
         if self.report:
@@ -433,7 +454,8 @@ def _merge_entries(engine: Engine, entries: list[Entry], writer: ShardedWriter, 
     def one(e: Entry) -> dict:
         report: dict = {}
         for u in e.units:
-            engine.merge_unit(e, u, lambda data: writer.write(e.name, data), report)
+            engine.merge_unit(e, u, lambda data: writer.write(e.name, data), report,
+                              lambda index, values: writer.patch(e.name, index, values))  # fmt: skip
         return report
 
     raw: dict = {}

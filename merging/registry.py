@@ -7,7 +7,7 @@ method declares it as a ``Stage``; the caller gathers every stage over the popul
 ``apply`` chunk by chunk. The in-memory call ``merge_tensors`` runs the same stages over one chunk, so a streamed
 merge and an in-memory one compute the same numbers.
 
-Randomness comes only from ``Chunk.gens``: one ``torch.Generator`` per (seed, tensor name, model index), consumed
+Randomness comes only from ``Chunk.gens``: one ``Stream`` per (seed, tensor name, model index), consumed
 in row order, so results do not depend on chunking, on the order tensors are visited, or on the thread count.
 """
 
@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from merging.select import SAMPLE, StreamSelect, order_stats
@@ -32,10 +33,32 @@ def row_view_shape(shape: Sequence[int]) -> tuple[int, int]:
     return math.prod(shape[:-1]), int(shape[-1])
 
 
-def generator_for(seed: int, name: str, index: int) -> torch.Generator:
-    """The generator of model ``index`` on tensor ``name``: seeded from a hash of (seed, name, index)."""
-    digest = hashlib.blake2b(f"{seed}\x00{name}\x00{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+class Stream:
+    """The random stream of model ``index`` on tensor ``name``, seeded from a hash of (seed, name, index).
+
+    Bernoulli masks draw 32-bit words from numpy's PCG64: on the CPU it is about 2.5x faster per draw than torch's
+    serial mt19937 and can run on several threads. ``torch`` is a ``torch.Generator`` from the same hash, for
+    torch's samplers (the randomized SVD's Gaussian sketch).
+    """
+
+    def __init__(self, seed: int, name: str, index: int):
+        digest = hashlib.blake2b(f"{seed}\x00{name}\x00{index}".encode(), digest_size=16).digest()
+        self.key = int.from_bytes(digest, "little")
+        self.bits = np.random.PCG64(self.key)
+        self._torch: torch.Generator | None = None
+
+    @property
+    def torch(self) -> torch.Generator:
+        if self._torch is None:
+            self._torch = torch.Generator().manual_seed(self.key & ((1 << 63) - 1))
+        return self._torch
+
+    def int32(self, rows: int, cols: int) -> torch.Tensor:
+        """``[rows, cols]`` uniform int32 (every bit pattern equally likely); each row takes ``ceil(cols / 2)``
+        64-bit words, so what a row gets does not depend on how the rows are chunked."""
+        words = (cols + 1) // 2
+        raw = self.bits.random_raw(rows * words).view(np.int32)
+        return torch.from_numpy(raw).view(rows, 2 * words)[:, :cols]
 
 
 @dataclass
@@ -47,11 +70,14 @@ class Chunk:
     tau: torch.Tensor
     shape: tuple[int, ...]  # the full tensor's shape
     row0: int = 0
-    gens: list[torch.Generator] | None = None
+    gens: list[Stream] | None = None
 
     @property
     def n(self) -> int:
         return self.tau.shape[0]
+
+
+DEFERRED = "deferred"  # stats flag and info key of a deferred stage (see Stage.deferrable)
 
 
 @dataclass
@@ -61,8 +87,12 @@ class Stage:
     kind "select": ``fn(chunk, stats) -> [N, m]`` values; result ``[N, len(ranks)]`` k-th smallest values, with
     ``ranks(population_size)`` 1-based. kind "sum": ``fn(chunk, stats) -> tensor``; result: the sum over chunks.
     level: "tensor" (one population per tensor) or "global" (all tensors of the model together).
-    random: fn draws from ``chunk.gens`` (the caller hands it fresh generators for each pass).
+    random: fn draws from ``chunk.gens`` (the caller hands it fresh streams for each pass).
     inline: ``apply`` computes it itself when its chunk is the whole population, so it is skipped then.
+    deferrable: a tensor-level "sum" used only for its sign, to break ties. Instead of a pass of its own, the
+    caller may set ``stats[DEFERRED]``: ``apply`` then assumes the sign is +1 and returns ``info[DEFERRED] =
+    (partial sum, flat indices in the chunk, values there if the sign is -1)``; the caller rewrites those
+    entries when the whole sum comes out negative.
     """
 
     key: str
@@ -72,6 +102,7 @@ class Stage:
     ranks: Callable[[int], list[int]] | None = None
     random: bool = False
     inline: bool = False
+    deferrable: bool = False
 
     def accumulator(self, size: int) -> Accumulator:
         """``size``: entries per model in the population."""
@@ -160,8 +191,8 @@ class Method:
         self.validate(p, n)
         return p
 
-    def generators(self, p: dict, name: str, n: int) -> list[torch.Generator] | None:
-        return [generator_for(int(p["seed"]), name, i) for i in range(n)] if self.random(p) else None
+    def generators(self, p: dict, name: str, n: int) -> list[Stream] | None:
+        return [Stream(int(p["seed"]), name, i) for i in range(n)] if self.random(p) else None
 
     def __call__(self, base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: str = "", **params):
         return merge_tensors(self.name, base, finetuned, name=name, **params)

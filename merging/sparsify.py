@@ -102,23 +102,22 @@ def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor, w_N: torch.Tensor | Non
     return num * sign / torch.where(den == 0, torch.ones_like(den), den)
 
 
-def bernoulli_keep(shape, keep_prob, gens: list[torch.Generator]) -> torch.Tensor:
-    """``[N, *shape]`` bool keep mask: model t draws r ~ U{0, ..., 2^31 - 1} (``random_`` on int32) from
-    ``gens[t]`` and keeps where ``r < keep_prob * 2^31`` (probability keep_prob to 2^-31; keep_prob: float or
-    ``[N, *shape]``). The N streams are filled on up to two threads (each generator is serial)."""
-    r = torch.empty(len(gens), *shape, dtype=torch.int32)
-    fill = lambda t: r[t].random_(generator=gens[t])  # noqa: E731
-    if len(gens) > 1 and r[0].numel() >= 1 << 16 and torch.get_num_threads() > 1:
-        list(_pool().map(fill, range(len(gens))))
+def bernoulli_keep(shape, keep_prob, gens) -> torch.Tensor:
+    """``[N, R, C]`` bool keep mask for ``shape = (R, C)``: model t draws uniform int32 r from ``gens[t]`` (a
+    ``registry.Stream``) and keeps where ``r < -2^31 + keep_prob * 2^32`` (probability keep_prob, to 2^-32;
+    keep_prob: float or ``[N, R, C]``). The N streams are drawn on up to two threads."""
+    R, C = shape
+    draw = lambda t: gens[t].int32(R, C)  # noqa: E731
+    if len(gens) > 1 and R * C >= 1 << 16 and torch.get_num_threads() > 1:
+        r = torch.stack(list(_pool().map(draw, range(len(gens)))))
     else:
-        for t in range(len(gens)):
-            fill(t)
+        r = torch.stack([draw(t) for t in range(len(gens))])
     if torch.is_tensor(keep_prob):
-        return r < keep_prob * _TWO31
-    return r < math.ceil(keep_prob * _TWO31)
+        return r < keep_prob * _TWO32 - _TWO31
+    return r < min(math.ceil(keep_prob * _TWO32) - (1 << 31), (1 << 31) - 1)
 
 
-_TWO31 = float(1 << 31)
+_TWO31, _TWO32 = float(1 << 31), float(1 << 32)
 
 
 @functools.cache

@@ -56,7 +56,7 @@ def _apply(chunk: Chunk, stats: dict, p: dict):
     mats = tau.reshape(chunk.n, -1, shape[-2], shape[-1])
     out, ranks = [], []
     for t in range(chunk.n):
-        gen = chunk.gens[t] if chunk.gens else None
+        gen = chunk.gens[t].torch if chunk.gens else None
         m, k = truncate(mats[t], p["eta"], p["svd"], p["rank"], gen)
         out.append(m)
         ranks.append(k.sum())

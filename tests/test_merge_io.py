@@ -71,6 +71,32 @@ def test_streaming_in_chunks_equals_in_memory(ckpts, tmp_path, case, hold_bytes)
         assert torch.equal(out[name], expected), name
 
 
+@pytest.mark.parametrize("params", [{"method": "ties", "scope": "tensor", "density": 1.0},
+                                    {"method": "ties", "scope": "tensor", "density": 0.9},
+                                    {"method": "dare", "drop": 0.0, "combine": "ties"},
+                                    {"method": "della", "density": 0.99, "epsilon": 0.005}])  # fmt: skip
+@pytest.mark.parametrize("hold_bytes", [0, 1 << 20], ids=["reread", "held"])
+def test_tie_break_sign_deferred_to_the_end_of_a_streamed_tensor(tmp_path, params, hold_bytes):
+    # Most entries elect "-"; where +0.5 and -0.5 cancel, the tensor's majority (-1) decides: the streamed merge
+    # writes the "+" mean first and must rewrite those entries once the whole tensor has voted.
+    g = torch.Generator().manual_seed(0)
+    base = torch.zeros(16, 8)
+    a, b = -torch.rand(16, 8, generator=g) - 0.5, -torch.rand(16, 8, generator=g) - 0.5
+    tie = torch.rand(16, 8, generator=g) < 0.2
+    a[tie], b[tie] = 0.5, -0.5
+    bdir = write(tmp_path / "base", {"w": base})
+    fdirs = [write(tmp_path / f"ft{i}", {"w": t}) for i, t in enumerate([a, b])]
+    kw = {k: v for k, v in params.items() if k != "method"}
+    out = merge(bdir, fdirs, tmp_path / "out", method=params["method"], progress=False, chunk_elems=16,
+                hold_bytes=hold_bytes, **kw)  # fmt: skip
+    expected = merge_tensors(params["method"], base, [a, b], name="w", **kw)
+    if params["method"] == "ties" and params["density"] == 1.0:
+        assert torch.all(expected[tie] == -0.5)  # the by-hand value: the mean of the "-" entries
+    assert torch.equal(load_file(out)["w"], expected)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())["tensors"]["w"]
+    assert report["norm_merged"] == pytest.approx(expected.norm().item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("method", ["ties", "pcb"])
 def test_global_scope_equals_one_in_memory_merge_of_the_flattened_model(ckpts, tmp_path, method):
     base, fts, bdir, fdirs = ckpts

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merging import METHODS, merge_tensors
-from merging.registry import generator_for
+from merging.registry import Stream
 from merging.select import StreamSelect, order_stats
 from merging.sparsify import elect_sign, magprune_keep_prob, trim_topk
 from merging.star import truncate
@@ -101,9 +101,8 @@ def test_dare_by_hand_from_the_named_generators():
     base = torch.zeros(6)
     taus = [torch.arange(1.0, 7.0), -torch.arange(1.0, 7.0) * 2]
     out = merge_tensors("dare", base, taus, drop=0.5, name="layer.w", seed=1, lam=1.0)
-    # model i keeps entry j where r_ij < (1 - p) 2^31, r uniform int31 from its generator (seed, tensor name, i)
-    draw = [torch.empty(6, dtype=torch.int32).random_(generator=generator_for(1, "layer.w", i)) for i in range(2)]
-    keep = [(r < 2**30).float() for r in draw]
+    # model i keeps entry j where r_ij < -2^31 + (1 - p) 2^32, r uniform int32 from its stream (seed, tensor name, i)
+    keep = [(Stream(1, "layer.w", i).int32(1, 6)[0] < 0).float() for i in range(2)]
     assert 0 < keep[0].sum() < 6
     expected = sum(t * k / 0.5 for t, k in zip(taus, keep))
     torch.testing.assert_close(out, expected)
@@ -332,3 +331,13 @@ def test_bad_parameters_name_the_field():
     for m in METHODS.values():
         assert m.reference_url.startswith("https://") and all(p.doc for p in m.params.values())
         torch.testing.assert_close(m(z, [z + 1], name="x"), m(z, [z + 1], name="x"))
+
+
+def test_stream_rows_do_not_depend_on_chunking_and_bits_are_uniform():
+    whole = Stream(3, "w", 1).int32(4, 5)  # odd width: each row still takes whole 64-bit words
+    s = Stream(3, "w", 1)
+    assert torch.equal(whole, torch.cat([s.int32(1, 5), s.int32(3, 5)]))
+    assert not torch.equal(whole, Stream(3, "w", 2).int32(4, 5))  # another model index, another stream
+    r = Stream(0, "u", 0).int32(1000, 100)
+    assert abs((r < 0).float().mean().item() - 0.5) < 0.005  # the sign bit is a fair coin
+    assert abs((r < -(1 << 31) + (1 << 30)).float().mean().item() - 0.25) < 0.005
