@@ -14,6 +14,7 @@ from merging.sparsify import (
     bernoulli_keep,
     disjoint_mean,
     elect_sign,
+    fill_zero_signs,
     keep_rank,
     magprune_keep_prob,
     per_model,
@@ -51,7 +52,7 @@ def _dropped(chunk: Chunk, stats: dict, p: dict, drop: str | None) -> torch.Tens
             return tau
     else:
         keep_prob = magprune_keep_prob(tau, p["density"], p["epsilon"], p["scope"])
-    kept = torch.where(bernoulli_keep((R, C), keep_prob, chunk.gens), tau, 0.0)
+    kept = bernoulli_keep((R, C), keep_prob, chunk.gens).mul_(tau)
     if p["rescale"] == "inverse":
         return kept.div_(keep_prob)
     if p["rescale"] == "l1" and "l1" in stats:
@@ -133,7 +134,8 @@ def _gta_apply(spec: dict):
                 majority = 1.0
             elif stats.get(DEFERRED) and "votes" not in stats:  # +1 now; the flipped values for the caller
                 majority = 1.0
-                flip = ((raw == 0) & (tau_hat.amin(0) < 0)).flatten().nonzero().squeeze(1)  # both signs, sum 0
+                tie = raw.abs().neg_().add_(1).mul_(tau_hat.amin(0).clamp_max_(0))  # != 0: sum 0 with both signs
+                flip = tie.flatten().nonzero().squeeze(1)
                 alt = tau_hat.flatten(1)[:, flip]
                 alt = chunk.base.flatten()[flip] + p["lam"] * disjoint_mean(alt, -torch.ones(flip.numel()), w,
                                                                             p.get("divisor", "weights"))  # fmt: skip
@@ -144,7 +146,7 @@ def _gta_apply(spec: dict):
                 row_scope = p.get("density", 1.0) < 1.0 and p.get("trim_scope") == "row"
                 total = raw.sum(-1, keepdim=True) if row_scope else raw.sum()
                 majority = torch.where(total >= 0, 1.0, -1.0)
-            gamma = torch.where(raw == 0, majority, raw)
+            gamma = fill_zero_signs(raw, majority)
             merged = disjoint_mean(tau_hat, gamma, w, p.get("divisor", "weights"))
         else:
             merged, deferred = weighted(tau_hat, w).sum(0), None

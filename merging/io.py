@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -73,6 +75,8 @@ class SafetensorsFile:
             raise ValueError(f"{path}: not a safetensors file ({e})") from e
         self.metadata = header.pop("__metadata__", {}) or {}
         self.data_start = 8 + n
+        self._fd_: int | None = None
+        self._lock = threading.Lock()
         self.entries = {}
         for name, e in header.items():
             if e["dtype"] not in ST_DTYPES:
@@ -92,16 +96,21 @@ class SafetensorsFile:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view, got, offset = memoryview(buf.numpy()), 0, self.data_start + start + r0 * C * item
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                while got < nbytes:
-                    n = os.preadv(fd, [view[got:]], offset + got)
-                    if n <= 0:
-                        raise ValueError(f"{self.path}: tensor {name!r} is truncated")
-                    got += n
-            finally:
-                os.close(fd)
+            fd = self._fd()
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise ValueError(f"{self.path}: tensor {name!r} is truncated")
+                got += n
         return buf.view(dtype).reshape(out_shape)
+
+    def _fd(self) -> int:
+        """One read-only descriptor per file, opened on first use (``preadv`` is safe from several threads)."""
+        with self._lock:
+            if self._fd_ is None:
+                self._fd_ = os.open(self.path, os.O_RDONLY)
+                weakref.finalize(self, os.close, self._fd_)
+            return self._fd_
 
 
 class StateDictFile:

@@ -79,11 +79,15 @@ def elect_sign(tau: torch.Tensor, sign: str = "total", majority: torch.Tensor | 
     gamma = torch.sign(s)
     if majority is None:
         majority = 1.0 if gamma.sum() >= 0 else -1.0
-    return (
-        torch.where(gamma == 0, majority, gamma)
-        if torch.is_tensor(majority)
-        else gamma.masked_fill(gamma == 0, majority)
-    )
+    return fill_zero_signs(gamma, majority)
+
+
+def fill_zero_signs(gamma: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+    """``gamma`` (entries -1, 0, 1) with its zeros replaced by ``value`` (float arithmetic: on the CPU a bool-mask
+    ``where`` / ``masked_fill`` costs several times more)."""
+    if not torch.is_tensor(value) and value == 0:
+        return gamma
+    return gamma.abs().neg_().add_(1).mul_(value).add_(gamma)
 
 
 def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor, w_N: torch.Tensor | None = None, divisor="weights"):
@@ -99,22 +103,22 @@ def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor, w_N: torch.Tensor | Non
         den = (count * wb).sum(0) if divisor == "weights" else count.sum(0)
     else:
         num, den = agreeing.sum(0), count.sum(0)
-    return num * sign / torch.where(den == 0, torch.ones_like(den), den)
+    return num * sign / den.abs().sign_().neg_().add_(1).add_(den)  # den = 0 (then num = 0) -> 1
 
 
 def bernoulli_keep(shape, keep_prob, gens) -> torch.Tensor:
-    """``[N, R, C]`` bool keep mask for ``shape = (R, C)``: model t draws uniform int32 r from ``gens[t]`` (a
-    ``registry.Stream``) and keeps where ``r < -2^31 + keep_prob * 2^32`` (probability keep_prob, to 2^-32;
-    keep_prob: float or ``[N, R, C]``). The N streams are drawn on up to two threads."""
+    """``[N, R, C]`` float keep mask (0 or 1) for ``shape = (R, C)``: model t draws uniform int32 r from ``gens[t]``
+    (a ``registry.Stream``) and keeps where ``r < -2^31 + keep_prob * 2^32`` in fp32 (probability keep_prob to
+    about 2^-24; keep_prob: float or ``[N, R, C]``). The N streams are drawn on up to two threads. The mask is
+    built with float arithmetic: bool masks and ``where`` cost several times more on the CPU."""
     R, C = shape
     draw = lambda t: gens[t].int32(R, C)  # noqa: E731
     if len(gens) > 1 and R * C >= 1 << 16 and torch.get_num_threads() > 1:
         r = torch.stack(list(_pool().map(draw, range(len(gens)))))
     else:
         r = torch.stack([draw(t) for t in range(len(gens))])
-    if torch.is_tensor(keep_prob):
-        return r < keep_prob * _TWO32 - _TWO31
-    return r < min(math.ceil(keep_prob * _TWO32) - (1 << 31), (1 << 31) - 1)
+    threshold = keep_prob * _TWO32 - _TWO31
+    return torch.sub(threshold, r.float()).sign_().clamp_min_(0)  # 1 where float(r) < threshold
 
 
 _TWO31, _TWO32 = float(1 << 31), float(1 << 32)
@@ -134,7 +138,6 @@ def magprune_keep_prob(tau: torch.Tensor, density: float, epsilon: float, scope:
     flat = tau.abs().reshape(tau.shape[0], -1) if scope == "tensor" else tau.abs()
     m = flat.shape[-1]
     order = flat.contiguous().view(torch.int32).argsort(dim=-1, stable=True)  # |x| >= 0: int32 bits sort alike, faster
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(m).expand_as(order))
-    r = ranks.float() / (m - 1) if m > 1 else torch.full(flat.shape, 0.5)
-    return (density - epsilon + 2 * epsilon * r).reshape(tau.shape)
+    r = torch.arange(m, dtype=torch.float32).div_(m - 1) if m > 1 else torch.full((1,), 0.5)
+    p_sorted = r.mul_(2 * epsilon).add_(density - epsilon)  # the keep probability of each rank
+    return torch.empty_like(flat).scatter_(-1, order, p_sorted.expand_as(flat)).reshape(tau.shape)
