@@ -16,8 +16,10 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,8 @@ ROUTER_PATTERN = r"\.router\."  # router weights and buffers (gate, expert_bias,
 TIED = {"lm_head.weight": "model.embed_tokens.weight", "head.weight": "embed.weight"}
 CHUNK_ELEMS = 1 << 18  # rows per chunk = CHUNK_ELEMS // row length; N x 1 MiB fp32 working tensors (cache-sized)
 HOLD_BYTES = 256 << 20  # a unit read whole (fp32 base + N task vectors) for multi-pass methods: at most this
+MEMORY_BUDGET = 1 << 30  # working memory of all merging threads together (see Engine.working_bytes)
+WORK = 4  # a method's temporaries, in multiples of its fp32 input chunk
 REPORT_NAME = "merge_report.json"
 
 
@@ -263,8 +267,8 @@ class Engine:
             merged, info = apply_with_stats(self.m, self.p, c, self.global_stats)
             self._emit(report, c, merged, info, write, e)
             return
-        deferred = {s.key for s in self.stages if s.deferrable and s.level == "tensor"}
-        if any(s.level == "tensor" and s.key not in deferred for s in self.stages) and self._fits(e, u):
+        deferred = self._deferred()
+        if self._holds(e, u):
             self.loader.hold(e, u)  # several passes over this unit: read and convert it once
         try:
             stats = self.stats_for(e, u, len(self.stages), skip=deferred)
@@ -299,8 +303,27 @@ class Engine:
             _account(report, c, merged, info)
         write(merged.to(e.out_dtype))
 
-    def _fits(self, e: Entry, u: Unit) -> bool:
-        return (self.n + 1) * (u.r1 - u.r0) * row_shape(e.shape)[1] * 4 <= self.hold_bytes
+    def _deferred(self) -> set[str]:
+        return {s.key for s in self.stages if s.deferrable and s.level == "tensor"}
+
+    def _holds(self, e: Entry, u: Unit) -> bool:
+        passes = any(s.level == "tensor" and s.key not in self._deferred() for s in self.stages)
+        return passes and (self.n + 1) * (u.r1 - u.r0) * row_shape(e.shape)[1] * 4 <= self.hold_bytes
+
+    def working_bytes(self, e: Entry) -> int:
+        """About the memory merging ``e`` takes: fp32 base + task vectors of a chunk, a held unit or a whole
+        tensor, times ``WORK`` for the method's temporaries."""
+        C, most = row_shape(e.shape)[1], 0
+        for u in e.units:
+            elems = (u.r1 - u.r0) * C
+            if u.mode == "merge" and self._single(e, u):
+                cost = WORK * (self.n + 1) * elems * 4
+            else:
+                cost = WORK * (self.n + 1) * min(elems, self.chunk_elems) * 4
+                if u.mode == "merge" and self._holds(e, u):
+                    cost += (self.n + 1) * elems * 4
+            most = max(most, cost)
+        return most
 
     def _single(self, e: Entry, u: Unit) -> bool:
         return not self.chunked or (u.r1 - u.r0) * row_shape(e.shape)[1] <= self.chunk_elems
@@ -465,15 +488,43 @@ def _merge_entries(engine: Engine, entries: list[Entry], writer: ShardedWriter, 
             release_above(1 << 30)  # keeps the merge's own peak well under 1.5 GB
             advance()
         return raw
+    budget = _Budget(MEMORY_BUDGET)
+
+    def within_budget(e: Entry) -> dict:
+        with budget.take(engine.working_bytes(e)):
+            return one(e)
+
     pool = ThreadPoolExecutor(workers, thread_name_prefix="merging", initializer=torch.set_num_threads, initargs=(1,))
     try:
-        for done in [pool.submit(one, e) for e in entries]:  # only the running ones hold tensors
+        for done in [pool.submit(within_budget, e) for e in entries]:  # only the running ones hold tensors
             raw.update(done.result())
             release_above(1 << 30)
             advance()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return raw
+
+
+class _Budget:
+    """Bytes of working memory the merging threads may hold at once. A thread waits until its entry's share is
+    free; an entry larger than the whole budget waits until it can run alone."""
+
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self.cv = threading.Condition()
+
+    @contextmanager
+    def take(self, nbytes: int) -> Iterator[None]:
+        n = min(nbytes, self.total)
+        with self.cv:
+            self.cv.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.free += n
+                self.cv.notify_all()
 
 
 def _stage_side_files(writer: ShardedWriter, base: Checkpoint) -> None:

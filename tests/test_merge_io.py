@@ -1,7 +1,10 @@
 """The streaming merge: equality with the in-memory methods, input formats, sharded output, rules, safety."""
 
+import importlib
 import json
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -292,3 +295,36 @@ def test_report_and_side_files(ckpts, tmp_path):
     merged = load_file(tmp_path / "out" / "model.safetensors")["blocks.0.attn.w"]
     assert row["norm_delta"] == pytest.approx((merged - base["blocks.0.attn.w"]).norm().item(), rel=1e-5)
     assert set(report["tensors"]) >= {f"blocks.0.moe.experts.w_up[{e}]" for e in range(3)}
+
+
+@pytest.mark.parametrize("method", ["dare", "ties", "della"])
+def test_worker_threads_give_the_same_bytes_and_respect_the_memory_budget(ckpts, tmp_path, method, monkeypatch):
+    mm = importlib.import_module("merging.merge")  # the module (``merging.merge`` is also the function)
+    base, fts, bdir, fdirs = ckpts
+    one = load_file(merge(bdir, fdirs, tmp_path / "one", method=method, progress=False, chunk_elems=40, workers=1))
+    four = load_file(merge(bdir, fdirs, tmp_path / "four", method=method, progress=False, chunk_elems=40, workers=4))
+    assert one.keys() == four.keys() and all(torch.equal(one[k], four[k]) for k in one)
+
+    running, most, lock = [0], [0], threading.Lock()
+    merge_unit = mm.Engine.merge_unit
+
+    def counted(self, *args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.002)
+            return merge_unit(self, *args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(mm.Engine, "merge_unit", counted)
+    monkeypatch.setattr(mm, "MEMORY_BUDGET", 1)  # every tensor needs more than the budget: one at a time
+    alone = load_file(merge(bdir, fdirs, tmp_path / "alone", method=method, progress=False, workers=4))
+    assert most[0] == 1
+    monkeypatch.setattr(mm, "MEMORY_BUDGET", 1 << 40)
+    most[0] = 0
+    merge(bdir, fdirs, tmp_path / "wide", method=method, progress=False, workers=4, overwrite=True)
+    assert most[0] > 1
+    assert all(torch.equal(alone[k], one[k]) for k in one)
