@@ -176,8 +176,8 @@ def main() -> None:
         rows = []
         for name in args.methods.split(","):
             method, params, mk_method, mk_params = METHODS[name]
-            best = min((timed(ours(fix, tmp / "out", args.models, method, params), env, tmp / "out") for _ in range(args.repeat)),
-                       key=lambda r: r[0])  # fmt: skip
+            cmd = ours(fix, tmp / "out", args.models, method, params)
+            best = min((timed(cmd, env, tmp / "out") for _ in range(args.repeat)), key=lambda r: r[0])
             row = {"method": name, "ours_s": best[0], "ours_rss_gb": best[1] / 1e9}
             if has_mk and mk_method:
                 mk = min((timed(mergekit(fix, tmp / "mk", args.models, mk_method, mk_params, tmp), env, tmp / "mk")
