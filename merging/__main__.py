@@ -70,6 +70,7 @@ def run(config: MergeConfig):
         experts=config.experts,
         router_source=config.router_source,
         shard_size=config.shard_size,
+        workers=config.workers,
         report=config.report,
         **params,
     )

@@ -65,6 +65,7 @@ class MergeConfig:
     experts: bool = True  # merge each expert of batched [E, ...] expert tensors as its own tensor
     router_source: str = "merge"  # router weights: merge | base | a model index "0".."N-1"
     shard_size: str = "5GB"  # largest output shard
+    workers: int | None = None  # tensors merged at once, one thread each (None: torch's thread count)
     report: bool = True  # write merge_report.json beside the weights
     eval: bool = False  # evaluate the merged model (and the inputs) on every task of the embedded data
     # The task(s) each model was fine-tuned on ("sort", or "copy+add"), one entry per model: the normalized accuracy
