@@ -162,7 +162,8 @@ def assemble(
             for name, shape, dtype in order:
                 if name in by_name:
                     for u in by_name[name].units:
-                        engine.merge_unit(by_name[name], u, lambda data, n=name: writer.write(n, data), report)
+                        engine.merge_unit(by_name[name], u, lambda data, n=name: writer.write(n, data), report,
+                                          lambda index, values, n=name: writer.patch(n, index, values))  # fmt: skip
                 elif name in copied:
                     writer.write(name, base_ck.read(name).to(dtype))
                 elif re.search(ROUTER_PATTERN, name):

@@ -252,7 +252,9 @@ class Engine:
                 progress(f"global statistics: {stage.key}")
             self.global_stats[stage.key] = self._gather(stage, units, None) if units else torch.zeros(self.n, 1)
 
-    def merge_unit(self, e: Entry, u: Unit, write, report: dict, patch=None) -> None:
+    def merge_unit(self, e: Entry, u: Unit, write, report: dict, patch) -> None:
+        """Merge one unit: ``write(data)`` appends its output, ``patch(flat_index, values)`` rewrites entries of it
+        (the deferred tie-break), ``report`` gathers its statistics."""
         if u.mode != "merge":
             for r0, r1 in _chunks(u, row_shape(e.shape)[1], True, self.chunk_elems):
                 if u.mode == "copy":
