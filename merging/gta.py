@@ -24,11 +24,12 @@ from merging.sparsify import (
 )
 
 
-def info_of(tau_hat: torch.Tensor) -> dict:
+def info_of(tau_hat: torch.Tensor, low: torch.Tensor | None = None) -> dict:
     """Per chunk: kept (nonzero) entries per model; entries where kept entries of both signs meet (conflict);
-    entries with any kept entry (active). Counted as sums of 0/1 floats (the fast reductions on the CPU)."""
+    entries with any kept entry (active). Counted as sums of 0/1 floats (the fast reductions on the CPU).
+    ``low``: ``min(0, tau_hat.amin(0))`` when the caller has it."""
     pos = tau_hat.amax(0).clamp_min_(0)  # > 0 where some model's entry is positive
-    neg = tau_hat.amin(0).clamp_max_(0).neg_()  # > 0 where some model's entry is negative
+    neg = (tau_hat.amin(0).clamp_max_(0) if low is None else low).neg()  # > 0 where some entry is negative
     return {
         "kept": torch.sign(tau_hat.flatten(1)).abs_().sum(1).double(),
         "conflict": torch.minimum(pos, neg).sign_().sum().double(),
@@ -52,9 +53,12 @@ def _dropped(chunk: Chunk, stats: dict, p: dict, drop: str | None) -> torch.Tens
             return tau
     else:
         keep_prob = magprune_keep_prob(tau, p["density"], p["epsilon"], p["scope"])
-    kept = bernoulli_keep((R, C), keep_prob, chunk.gens).mul_(tau)
+    mask = bernoulli_keep((R, C), keep_prob, chunk.gens)
     if p["rescale"] == "inverse":
-        return kept.div_(keep_prob)
+        if torch.is_tensor(keep_prob):
+            return mask.mul_(tau).div_(keep_prob)
+        return torch.addcmul(torch.zeros(()), mask, tau, value=1.0 / keep_prob)  # one pass: tau / p where kept
+    kept = mask.mul_(tau)
     if p["rescale"] == "l1" and "l1" in stats:
         full, part = stats["l1"][:, 0], stats["l1"][:, 1]
         ok = (full > 1e-7) & (part > 1e-7)
@@ -129,12 +133,13 @@ def _gta_apply(spec: dict):
         tau_hat = _sparsified(chunk, stats, p, spec)
         if p["combine"] == "ties":
             raw = elect_sign(_electorate(tau_hat, w, p), p["sign"], majority=0.0)  # 0 where the vote ties
-            deferred = None
+            deferred, low = None, None
             if not spec["majority"]:
                 majority = 1.0
             elif stats.get(DEFERRED) and "votes" not in stats:  # +1 now; the flipped values for the caller
                 majority = 1.0
-                tie = raw.abs().neg_().add_(1).mul_(tau_hat.amin(0).clamp_max_(0))  # != 0: sum 0 with both signs
+                low = tau_hat.amin(0).clamp_max_(0)
+                tie = raw.abs().neg_().add_(1).mul_(low)  # != 0: the vote is 0 with entries of both signs
                 flip = tie.flatten().nonzero().squeeze(1)
                 alt = tau_hat.flatten(1)[:, flip]
                 alt = chunk.base.flatten()[flip] + p["lam"] * disjoint_mean(alt, -torch.ones(flip.numel()), w,
@@ -149,8 +154,8 @@ def _gta_apply(spec: dict):
             gamma = fill_zero_signs(raw, majority)
             merged = disjoint_mean(tau_hat, gamma, w, p.get("divisor", "weights"))
         else:
-            merged, deferred = weighted(tau_hat, w).sum(0), None
-        info = info_of(tau_hat)
+            merged, deferred, low = weighted(tau_hat, w).sum(0), None, None
+        info = info_of(tau_hat, low)
         if deferred is not None:
             info[DEFERRED] = deferred
         return chunk.base + p["lam"] * merged, info

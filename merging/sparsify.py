@@ -112,13 +112,16 @@ def bernoulli_keep(shape, keep_prob, gens) -> torch.Tensor:
     about 2^-24; keep_prob: float or ``[N, R, C]``). The N streams are drawn on up to two threads. The mask is
     built with float arithmetic: bool masks and ``where`` cost several times more on the CPU."""
     R, C = shape
-    draw = lambda t: gens[t].int32(R, C)  # noqa: E731
+    out = torch.empty(len(gens), R, C)
+    draw = lambda t: out[t].copy_(gens[t].int32(R, C))  # noqa: E731
     if len(gens) > 1 and R * C >= 1 << 16 and torch.get_num_threads() > 1:
-        r = torch.stack(list(_pool().map(draw, range(len(gens)))))
+        list(_pool().map(draw, range(len(gens))))
     else:
-        r = torch.stack([draw(t) for t in range(len(gens))])
+        for t in range(len(gens)):
+            draw(t)
     threshold = keep_prob * _TWO32 - _TWO31
-    return torch.sub(threshold, r.float()).sign_().clamp_min_(0)  # 1 where float(r) < threshold
+    torch.sub(threshold if torch.is_tensor(threshold) else torch.tensor(threshold), out, out=out)
+    return out.sign_().clamp_min_(0)  # 1 where float(r) < threshold
 
 
 _TWO31, _TWO32 = float(1 << 31), float(1 << 32)
