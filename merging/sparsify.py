@@ -138,9 +138,12 @@ def magprune_keep_prob(tau: torch.Tensor, density: float, epsilon: float, scope:
     ``p_keep = density - epsilon + 2 * epsilon * r``. A single-entry population gets r = 1/2 (p_keep = density).
     Equal magnitudes are ranked by position.
     """
-    flat = tau.abs().reshape(tau.shape[0], -1) if scope == "tensor" else tau.abs()
-    m = flat.shape[-1]
-    order = flat.contiguous().view(torch.int32).argsort(dim=-1, stable=True)  # |x| >= 0: int32 bits sort alike, faster
+    m = tau[0].numel() if scope == "tensor" else tau.shape[-1]
     r = torch.arange(m, dtype=torch.float32).div_(m - 1) if m > 1 else torch.full((1,), 0.5)
     p_sorted = r.mul_(2 * epsilon).add_(density - epsilon)  # the keep probability of each rank
-    return torch.empty_like(flat).scatter_(-1, order, p_sorted.expand_as(flat)).reshape(tau.shape)
+    out = torch.empty(tau.shape)
+    for t in range(tau.shape[0]):  # one model at a time: the int64 sort order of a whole tensor is large
+        mag = tau[t].abs().reshape(-1) if scope == "tensor" else tau[t].abs()
+        order = mag.view(torch.int32).argsort(dim=-1, stable=True)  # |x| >= 0: int32 bits sort alike, faster
+        out[t].view(mag.shape).scatter_(-1, order, p_sorted.expand_as(mag))
+    return out
