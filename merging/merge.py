@@ -490,11 +490,18 @@ def _merge_entries(engine: Engine, entries: list[Entry], writer: ShardedWriter, 
             release_above(1 << 30)  # keeps the merge's own peak well under 1.5 GB
             advance()
         return raw
-    budget = _Budget(MEMORY_BUDGET)
+    budget, threads = _Budget(MEMORY_BUDGET), torch.get_num_threads()
 
     def within_budget(e: Entry) -> dict:
-        with budget.take(engine.working_bytes(e)):
-            return one(e)
+        need = engine.working_bytes(e)
+        with budget.take(need):
+            if need < budget.total:
+                return one(e)
+            torch.set_num_threads(threads)  # it runs alone: its ops may use every thread
+            try:
+                return one(e)
+            finally:
+                torch.set_num_threads(1)
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="merging", initializer=torch.set_num_threads, initargs=(1,))
     try:

@@ -54,17 +54,18 @@ def _apply(chunk: Chunk, stats: dict, p: dict):
             return chunk.base.clone(), {"kept": torch.zeros(chunk.n, dtype=torch.int64)}
         return chunk.base + p["lam"] * (tau * per_model(w, tau)).sum(0) / w.sum(), info
     mats = tau.reshape(chunk.n, -1, shape[-2], shape[-1])
-    out, ranks = [], []
-    for t in range(chunk.n):
+    acc, kept, ranks = torch.zeros(mats.shape[1:]), torch.empty(chunk.n), []
+    for t in range(chunk.n):  # one truncated task matrix at a time: the sum is all that is kept
         gen = chunk.gens[t].torch if chunk.gens else None
         m, k = truncate(mats[t], p["eta"], p["svd"], p["rank"], gen)
-        out.append(m)
+        acc.add_(m * w[t])
+        kept[t] = torch.sign(m).abs_().sum()
         ranks.append(k.sum())
-    star = torch.stack(out).reshape(tau.shape)
-    merged = (star * per_model(w, star)).sum(0) / w.sum()
+        del m
+    merged = acc.reshape(tau.shape[1:]) / w.sum()
     full = min(shape[-2:]) * mats.shape[1]
     info = {
-        "kept": (star != 0).flatten(1).sum(1),
+        "kept": kept,
         "rank_kept": torch.stack(ranks),
         "rank_full": torch.tensor([full] * chunk.n),
     }
