@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merging import METHODS, merge, merge_tensors
-from merging.io import Checkpoint
+from merging.io import Checkpoint, ShardedWriter
 
 PARAMS = {
     "linear": {},
@@ -128,6 +128,26 @@ def test_sharded_output_index_and_single_file_when_it_fits(ckpts, tmp_path):
     # overwriting a sharded output with a single file removes the stale shards
     merge(bdir, fdirs, tmp_path / "many", method="ties", progress=False, overwrite=True)
     assert not list((tmp_path / "many").glob("model-*")) and not (tmp_path / "many" / index.name).exists()
+
+
+def test_writer_places_tensors_written_in_any_order_and_patches_in_place(tmp_path):
+    a, b = torch.arange(12.0).reshape(3, 4), torch.arange(6, dtype=torch.bfloat16)
+    w = ShardedWriter(tmp_path / "out", [("a", (3, 4), torch.float32), ("b", (6,), torch.bfloat16)], 1 << 20, {})
+    w.write("b", b[:4])  # b before a, each in chunks
+    w.write("a", a[:2])
+    w.write("b", b[4:])
+    with pytest.raises(RuntimeError, match="'a' was not written completely"):
+        w.commit()
+    w.write("a", a[2:])
+    with pytest.raises(RuntimeError, match="before they were written"):
+        w.patch("a", torch.tensor([12]), torch.tensor([0.0]))
+    w.patch("a", torch.tensor([1, 10]), torch.tensor([-1.0, -2.0]))
+    with pytest.raises(RuntimeError, match="more bytes"):
+        w.write("b", b[:1])
+    out = load_file(w.commit())
+    expected = a.clone().flatten()
+    expected[[1, 10]] = torch.tensor([-1.0, -2.0])
+    assert torch.equal(out["a"], expected.reshape(3, 4)) and torch.equal(out["b"], b)
 
 
 def test_inputs_hf_sharded_dir_and_lightning_ckpt(ckpts, tmp_path):
