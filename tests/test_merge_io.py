@@ -348,3 +348,21 @@ def test_worker_threads_give_the_same_bytes_and_respect_the_memory_budget(ckpts,
     merge(bdir, fdirs, tmp_path / "wide", method=method, progress=False, workers=4, overwrite=True)
     assert most[0] > 1
     assert all(torch.equal(alone[k], one[k]) for k in one)
+
+
+def test_heap_policy_recycles_freed_buffers_and_restores_glibc_defaults():
+    heap = importlib.import_module("merging.heap")
+    if heap._libc() is None:
+        pytest.skip("not glibc")
+    resource = pytest.importorskip("resource")
+
+    def faults(n=50):  # page faults of allocating, touching and freeing 4 MiB n times
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            torch.empty(1 << 20).fill_(1.0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+    with heap.heap_policy():
+        kept = faults()
+    after = faults()  # glibc's fixed defaults again: every 4 MiB buffer is mmapped and faulted in anew
+    assert after > 50 * 500 and kept < after / 10
