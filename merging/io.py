@@ -358,13 +358,3 @@ def _nbytes(shape, dtype) -> int:
     for s in shape:
         n *= int(s)
     return n * torch.empty((), dtype=dtype).element_size()
-
-
-def resolve_weights(path: str | os.PathLike) -> Path:
-    """A ``.safetensors`` file, or a directory holding ``model.safetensors`` (kept for ``moe.export.load_model``)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / WEIGHTS_NAME
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: expected a .safetensors file or a directory with {WEIGHTS_NAME}")
-    return p
