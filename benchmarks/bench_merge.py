@@ -121,13 +121,12 @@ def timed(cmd: list[str], env: dict, out: Path) -> tuple[float, int]:
 
 
 def ours(fix: Path, out: Path, n: int, method: str, params: dict) -> list[str]:
-    models = [str(fix / f"ft{i}") for i in range(n)]
-    code = (
-        "from merging import merge; import json, sys; "
-        f"merge({str(fix / 'base')!r}, {models!r}, {str(out)!r}, method={method!r}, out_dtype='bfloat16', "
-        f"overwrite=True, progress=False, **json.loads(sys.argv[1]))"
-    )
-    return [sys.executable, "-c", code, json.dumps(params)]
+    """Our CLI, ``python -m merging`` (the counterpart of ``mergekit-yaml``), without Hydra's run folder and logs."""
+    models = ",".join(str(fix / f"ft{i}") for i in range(n))
+    overrides = [f"method={method}", f"base={fix / 'base'}", f"models=[{models}]", f"out={out}", "out_dtype=bfloat16",
+                 "overwrite=true", "progress=false", "hydra.output_subdir=null", f"hydra.run.dir={out.parent}",
+                 "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]  # fmt: skip
+    return [sys.executable, "-m", "merging", *overrides, *(f"method.{k}={v}" for k, v in params.items())]
 
 
 def mergekit(fix: Path, out: Path, n: int, method: str, per_model: dict, work: Path) -> list[str]:

@@ -7,6 +7,7 @@ chunks.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from merging.registry import DEFERRED, Chunk, Method, Stage, register
@@ -24,14 +25,14 @@ from merging.sparsify import (
 )
 
 
-def info_of(tau_hat: torch.Tensor, low: torch.Tensor | None = None) -> dict:
+def info_of(tau_hat: torch.Tensor, low: torch.Tensor | None = None, signs: torch.Tensor | None = None) -> dict:
     """Per chunk: kept (nonzero) entries per model; entries where kept entries of both signs meet (conflict);
     entries with any kept entry (active). Counted as sums of 0/1 floats (the fast reductions on the CPU).
-    ``low``: ``min(0, tau_hat.amin(0))`` when the caller has it."""
+    ``low``: ``min(0, tau_hat.amin(0))`` and ``signs``: ``torch.sign(tau_hat)``, when the caller has them."""
     pos = tau_hat.amax(0).clamp_min_(0)  # > 0 where some model's entry is positive
     neg = (tau_hat.amin(0).clamp_max_(0) if low is None else low).neg()  # > 0 where some entry is negative
     return {
-        "kept": torch.sign(tau_hat.flatten(1)).abs_().sum(1).double(),
+        "kept": (torch.sign(tau_hat) if signs is None else signs).flatten(1).abs().sum(1).double(),
         "conflict": torch.minimum(pos, neg).sign_().sum().double(),
         "active": pos.add_(neg).sign_().sum().double(),
     }
@@ -140,7 +141,7 @@ def _gta_apply(spec: dict):
                 majority = 1.0
                 low = tau_hat.amin(0).clamp_max_(0)
                 tie = raw.abs().neg_().add_(1).mul_(low)  # != 0: the vote is 0 with entries of both signs
-                flip = tie.flatten().nonzero().squeeze(1)
+                flip = torch.from_numpy(np.flatnonzero(tie.numpy().reshape(-1) != 0))  # 4x torch's nonzero
                 alt = tau_hat.flatten(1)[:, flip]
                 alt = chunk.base.flatten()[flip] + p["lam"] * disjoint_mean(alt, -torch.ones(flip.numel()), w,
                                                                             p.get("divisor", "weights"))  # fmt: skip
@@ -152,10 +153,11 @@ def _gta_apply(spec: dict):
                 total = raw.sum(-1, keepdim=True) if row_scope else raw.sum()
                 majority = torch.where(total >= 0, 1.0, -1.0)
             gamma = fill_zero_signs(raw, majority)
-            merged = disjoint_mean(tau_hat, gamma, w, p.get("divisor", "weights"))
+            signs = torch.sign(tau_hat)
+            merged = disjoint_mean(tau_hat, gamma, w, p.get("divisor", "weights"), signs)
         else:
-            merged, deferred, low = weighted(tau_hat, w).sum(0), None, None
-        info = info_of(tau_hat, low)
+            merged, deferred, low, signs = weighted(tau_hat, w).sum(0), None, None, None
+        info = info_of(tau_hat, low, signs)
         if deferred is not None:
             info[DEFERRED] = deferred
         return chunk.base + p["lam"] * merged, info

@@ -90,37 +90,51 @@ def fill_zero_signs(gamma: torch.Tensor, value: torch.Tensor | float) -> torch.T
     return gamma.abs().neg_().add_(1).mul_(value).add_(gamma)
 
 
-def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor, w_N: torch.Tensor | None = None, divisor="weights"):
+def disjoint_mean(
+    tau: torch.Tensor,
+    sign: torch.Tensor,
+    w_N: torch.Tensor | None = None,
+    divisor="weights",
+    signs: torch.Tensor | None = None,
+):
     """``sum_t w_t tau_t [sign(tau_t) = sign] / sum_t d_t [sign(tau_t) = sign]`` (0/0 -> 0); zeros never agree.
 
     ``d_t = w_t`` (divisor "weights": the weighted mean; the TIES mean when all w_t = 1) or 1 ("count", PEFT).
+    ``signs``: ``torch.sign(tau)`` when the caller has it.
     """
-    agreeing = (tau * sign.unsqueeze(0)).relu_()  # |tau_t| where its sign agrees, else 0
-    count = torch.sign(agreeing)
+    agree = (torch.sign(tau) if signs is None else signs).mul(sign.unsqueeze(0)).relu_()  # 1 where it agrees
     if w_N is not None and not bool((w_N == 1).all()):
         wb = per_model(w_N, tau)
-        num = (agreeing * wb).sum(0)
-        den = (count * wb).sum(0) if divisor == "weights" else count.sum(0)
+        num = (tau * agree).mul_(wb).sum(0)
+        den = (agree * wb).sum(0) if divisor == "weights" else agree.sum(0)
     else:
-        num, den = agreeing.sum(0), count.sum(0)
-    return num * sign / den.abs().sign_().neg_().add_(1).add_(den)  # den = 0 (then num = 0) -> 1
+        num, den = (tau * agree).sum(0), agree.sum(0)
+    return num / den.abs().sign_().neg_().add_(1).add_(den)  # den = 0 (then num = 0) -> 1
 
 
 def bernoulli_keep(shape, keep_prob, gens) -> torch.Tensor:
     """``[N, R, C]`` float keep mask (0 or 1) for ``shape = (R, C)``: model t draws uniform int32 r from ``gens[t]``
-    (a ``registry.Stream``) and keeps where ``r < -2^31 + keep_prob * 2^32`` in fp32 (probability keep_prob to
-    about 2^-24; keep_prob: float or ``[N, R, C]``). The N streams are drawn on up to two threads. The mask is
-    built with float arithmetic: bool masks and ``where`` cost several times more on the CPU."""
+    (a ``registry.Stream``) and keeps where ``float(r) < T``, ``T = -2^31 + keep_prob * 2^32`` in fp32 (probability
+    keep_prob to about 2^-24; keep_prob: float or ``[N, R, C]``). The N streams are drawn on up to two threads.
+    The mask is built with float arithmetic: bool masks and ``where`` cost several times more on the CPU. A float
+    keep_prob gives an integer-valued T, so ``T - float(r)`` is 0 or below where dropped and 1 or above where
+    kept, and one clamp makes the mask."""
     R, C = shape
     out = torch.empty(len(gens), R, C)
-    draw = lambda t: out[t].copy_(gens[t].int32(R, C))  # noqa: E731
+    if torch.is_tensor(keep_prob):
+        threshold = None
+        draw = lambda t: out[t].copy_(gens[t].int32(R, C))  # noqa: E731
+    else:
+        threshold = torch.tensor(float(math.floor(keep_prob * _TWO32 - _TWO31)))  # integer-valued in fp32 too
+        draw = lambda t: torch.sub(threshold, out[t].copy_(gens[t].int32(R, C)), out=out[t]).clamp_(0, 1)  # noqa: E731
     if len(gens) > 1 and R * C >= 1 << 16 and torch.get_num_threads() > 1:
         list(_pool().map(draw, range(len(gens))))
     else:
         for t in range(len(gens)):
             draw(t)
-    threshold = keep_prob * _TWO32 - _TWO31
-    torch.sub(threshold if torch.is_tensor(threshold) else torch.tensor(threshold), out, out=out)
+    if threshold is not None:
+        return out
+    torch.sub(keep_prob * _TWO32 - _TWO31, out, out=out)
     return out.sign_().clamp_min_(0)  # 1 where float(r) < threshold
 
 

@@ -8,7 +8,7 @@ import torch
 from merging import METHODS, merge_tensors
 from merging.registry import Stream
 from merging.select import StreamSelect, order_stats
-from merging.sparsify import elect_sign, magprune_keep_prob, trim_topk
+from merging.sparsify import bernoulli_keep, elect_sign, magprune_keep_prob, trim_topk
 from merging.star import truncate
 
 # ------------------------------------------------------------------------------------------- linear / TA
@@ -108,6 +108,21 @@ def test_dare_by_hand_from_the_named_generators():
     torch.testing.assert_close(out, expected)
     # drop=0 is task arithmetic with lam
     torch.testing.assert_close(merge_tensors("dare", base, taus, drop=0.0, lam=0.5), 0.5 * (taus[0] + taus[1]))
+
+
+@pytest.mark.parametrize("keep_prob", [0.5, 0.5 + 1e-3, 0.5 - 3e-9, 0.2, 1e-6, 1 - 1e-6])
+def test_bernoulli_mask_is_zero_one_and_matches_the_integer_draws(keep_prob):
+    # near 0.5 the threshold -2^31 + p 2^32 has a fraction in fp32; the mask must still be exactly 0 / 1
+    gens = [Stream(3, "w", i) for i in range(2)]
+    mask = bernoulli_keep((37, 9), keep_prob, gens)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    threshold = math.floor(keep_prob * 2**32 - 2**31)
+    for i in range(2):
+        draws = Stream(3, "w", i).int32(37, 9).double()
+        torch.testing.assert_close(mask[i], (draws < threshold).float(), atol=0, rtol=0)
+        # the same decisions as the per-entry (tensor) keep probability path
+        per_entry = bernoulli_keep((37, 9), torch.full((2, 37, 9), keep_prob), [Stream(3, "w", j) for j in range(2)])
+        assert (per_entry[i] != mask[i]).sum() <= 1
 
 
 def test_dare_kept_fraction_and_unbiased_in_expectation():
