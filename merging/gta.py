@@ -183,7 +183,7 @@ def gta_method(name, pretty, url, params, prepare, drop=None, majority=True, val
             stages=lambda p: stages(full(p)),
             random=lambda p: drop is not None,
             validate=lambda p, n: validate(full(p)) if validate else None,
-            chunkable=(lambda p: chunkable(full(p))) if chunkable else (lambda p: True),
+            chunkable=(lambda p, shape: chunkable(full(p), shape)) if chunkable else (lambda p, shape: True),
             doc=doc,
         )
     )

@@ -188,7 +188,6 @@ class Engine:
         self.hold_bytes = hold_bytes
         self.report = report
         self.stages = m.stages(p)
-        self.chunked = m.chunkable(p)
         self.tensor_stats: dict[str, dict] = {}
         self.global_stats: dict = {}
         self.n = len(loader.models)
@@ -201,7 +200,7 @@ class Engine:
 
     def _unit_chunks(self, e: Entry, u: Unit, random: bool) -> Iterator[Chunk]:
         gens = self.m.generators(self.p, u.key, self.n) if random else None
-        for r0, r1 in _chunks(u, row_shape(e.shape)[1], self.chunked, self.chunk_elems):
+        for r0, r1 in _chunks(u, row_shape(e.shape)[1], self.m.chunkable(self.p, u.shape), self.chunk_elems):
             c = self.loader.rows(e, u, r0, r1)
             c.gens = gens
             yield c
@@ -328,7 +327,7 @@ class Engine:
         return most
 
     def _single(self, e: Entry, u: Unit) -> bool:
-        return not self.chunked or (u.r1 - u.r0) * row_shape(e.shape)[1] <= self.chunk_elems
+        return not self.m.chunkable(self.p, u.shape) or (u.r1 - u.r0) * row_shape(e.shape)[1] <= self.chunk_elems
 
 
 def _account(report: dict, c: Chunk, merged: torch.Tensor, info: dict | None = None) -> None:

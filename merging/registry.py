@@ -89,6 +89,7 @@ class Stage:
     level: "tensor" (one population per tensor) or "global" (all tensors of the model together).
     random: fn draws from ``chunk.gens`` (the caller hands it fresh streams for each pass).
     inline: ``apply`` computes it itself when its chunk is the whole population, so it is skipped then.
+    finish: turns the gathered result into what later stages and apply read (e.g. a decomposition of a sum).
     deferrable: a tensor-level "sum" used only for its sign, to break ties. Instead of a pass of its own, the
     caller may set ``stats[DEFERRED]``: ``apply`` then assumes the sign is +1 and returns ``info[DEFERRED] =
     (partial sum, flat indices in the chunk, values there if the sign is -1)``; the caller rewrites those
@@ -103,6 +104,7 @@ class Stage:
     random: bool = False
     inline: bool = False
     deferrable: bool = False
+    finish: Callable[[torch.Tensor], object] | None = None
 
     def accumulator(self, size: int) -> Accumulator:
         """``size``: entries per model in the population."""
@@ -143,8 +145,9 @@ class Accumulator:
         if self._sel is not None:
             self._sel.end_pass()
 
-    def result(self) -> torch.Tensor:
-        return self._sel.result() if self._sel is not None else self._sum
+    def result(self):
+        out = self._sel.result() if self._sel is not None else self._sum
+        return self.stage.finish(out) if self.stage.finish else out
 
 
 def gather_in_memory(stage: Stage, chunk: Chunk, stats: dict, fresh_gens) -> torch.Tensor:
@@ -152,7 +155,8 @@ def gather_in_memory(stage: Stage, chunk: Chunk, stats: dict, fresh_gens) -> tor
     if stage.random:
         chunk.gens = fresh_gens()
     value = stage.fn(chunk, stats)
-    return order_stats(value, stage.ranks) if stage.kind == "select" else value.double()
+    out = order_stats(value, stage.ranks) if stage.kind == "select" else value.double()
+    return stage.finish(out) if stage.finish else out
 
 
 @dataclass
@@ -172,7 +176,7 @@ class Method:
     params: dict[str, Param]
     apply: Callable[[Chunk, dict, dict], tuple[torch.Tensor, dict]]  # (chunk, stats, params) -> (merged, info)
     stages: Callable[[dict], list[Stage]] = lambda p: []
-    chunkable: Callable[[dict], bool] = lambda p: True  # False: apply needs the whole tensor at once
+    chunkable: Callable[[dict, tuple], bool] = lambda p, shape: True  # False: apply needs the whole tensor (shape)
     random: Callable[[dict], bool] = lambda p: False
     validate: Callable[[dict, int], None] = lambda p, n: None
     doc: str = ""

@@ -9,13 +9,21 @@ theta = theta_0 + lam * sum_t w_t STAR(tau_t) / sum_t w_t  (the paper: w = 1, la
 stay at the base (``one_d="base"``); ``one_d="mean"`` averages their task vectors instead.
 ``svd="randomized"`` replaces the exact SVD by a seeded randomized range finder of rank ``rank`` + 5 (cut to
 ``rank``), like the official code's ``torch.svd_lowrank`` path but reproducible.
+
+``svd="gram"`` takes the same decomposition from the fp64 Gram matrix on the short side instead, and streams: for
+a matrix with r >= c rows, G = M^T M (c x c) is summed over row chunks, its eigenvectors V give the singular values
+s_i = sqrt(lambda_i) and the truncation M V_k V_k^T, applied chunk by chunk. Memory is N c^2 fp64 instead of the
+N whole task matrices (the 32000 x 1024 embedding: 32 MB instead of 650 MB). A wide matrix (r < c) uses
+G = M M^T and U_k U_k^T M, which needs the whole matrix.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from merging.registry import Chunk, Method, Param, register
+from merging.registry import Chunk, Method, Param, Stage, register
 from merging.sparsify import per_model, weights_of
 
 
@@ -37,12 +45,89 @@ def truncate(m: torch.Tensor, eta: float, svd: str = "exact", rank: int = 16, ge
         q = min(rank + 5, *m.shape[-2:])
         U, S, Vh = randomized_svd(m, q, gen)
         U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    k, scale = rank_and_scale(S, eta)
+    s = S * (torch.arange(S.shape[-1]) < k.unsqueeze(-1)) * scale.unsqueeze(-1)
+    return (U * s.unsqueeze(-2)) @ Vh, k
+
+
+def rank_and_scale(S: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values ``S [..., s]`` (descending) -> (kept rank k, the factor total / kept mass; 0 if no mass)."""
     total = S.sum(-1, keepdim=True)
-    k = ((S.cumsum(-1) < eta / 100 * total).sum(-1, keepdim=True) + 1).clamp_max(S.shape[-1])  # [B, 1]
-    keep = torch.arange(S.shape[-1]) < k
-    kept_mass = (S * keep).sum(-1, keepdim=True)
-    s = torch.where(kept_mass > 0, S * keep * total / torch.where(kept_mass > 0, kept_mass, 1.0), torch.zeros_like(S))
-    return (U * s.unsqueeze(-2)) @ Vh, k.squeeze(-1)
+    k = ((S.cumsum(-1) < eta / 100 * total).sum(-1, keepdim=True) + 1).clamp_max(S.shape[-1])
+    kept_mass = (S * (torch.arange(S.shape[-1]) < k)).sum(-1, keepdim=True)
+    scale = torch.where(kept_mass > 0, total / torch.where(kept_mass > 0, kept_mass, 1.0), 0.0)
+    return k.squeeze(-1), scale.squeeze(-1)
+
+
+def _tall(shape) -> bool:
+    return shape[-2] >= shape[-1]
+
+
+def _segments(row0: int, rows: int, r: int):
+    """(matrix index, first, end) of the chunk rows ``[row0, row0 + rows)`` of a stack of r-row matrices."""
+    i = 0
+    while i < rows:
+        b = (row0 + i) // r
+        end = min(rows, (b + 1) * r - row0)
+        yield b, i, end
+        i = end
+
+
+def _gram(chunk: Chunk, stats: dict) -> torch.Tensor:
+    """``[N, B, s, s]`` fp64 Gram matrices on the short side s of the chunk's task matrices (a tall matrix's
+    M^T M summed over its rows in this chunk; a wide matrix, always whole: M M^T)."""
+    shape, tau = chunk.shape, chunk.tau
+    if len(shape) < 2:  # not a matrix (see one_d)
+        return torch.zeros(chunk.n)
+    r, c = shape[-2:]
+    B = math.prod(shape[:-2])
+    if not _tall(shape):
+        m = tau.reshape(chunk.n, B, r, c).double()
+        return m @ m.mT
+    out = torch.zeros(chunk.n, B, c, c, dtype=torch.float64)
+    for b, i, end in _segments(chunk.row0, tau.shape[1], r):
+        x = tau[:, i:end].double()
+        out[:, b] += x.mT @ x
+    return out
+
+
+def _factors(eta: float):
+    def finish(gram: torch.Tensor) -> dict:
+        """Per model and matrix: the top-k eigenvectors ``Q [N, B, s, k_max]`` (zero past each k) in fp32 with the
+        rescale folded in, and the kept ranks ``k [N, B]``."""
+        if gram.dim() < 4:
+            return None
+        lam, vec = torch.linalg.eigh(gram)  # ascending
+        S = lam.clamp_min(0).sqrt().flip(-1)
+        k, scale = rank_and_scale(S, eta)
+        kmax = int(k.max())
+        keep = (torch.arange(kmax) < k.unsqueeze(-1)).double()  # [N, B, kmax]
+        q = vec.flip(-1)[..., :kmax] * keep.unsqueeze(-2)
+        return {"q": q.float(), "qs": (q * scale[..., None, None]).float(), "k": k}
+
+    return finish
+
+
+def _apply_gram(chunk: Chunk, stats: dict, p: dict, w: torch.Tensor):
+    f, shape, tau = stats["gram"], chunk.shape, chunk.tau
+    r, c = shape[-2:]
+    acc = torch.zeros(tau.shape[1:])
+    kept = torch.empty(chunk.n)
+    for t in range(chunk.n):
+        if _tall(shape):  # rows x V_k (s V_k)^T, matrix by matrix
+            out = torch.empty(tau.shape[1:])
+            for b, i, end in _segments(chunk.row0, tau.shape[1], r):
+                out[i:end] = (tau[t, i:end] @ f["q"][t, b]) @ f["qs"][t, b].mT
+        else:  # the whole stack: U_k (s U_k)^T M
+            m = tau[t].reshape(-1, r, c)
+            out = (f["qs"][t] @ (f["q"][t].mT @ m)).reshape(tau.shape[1:])
+        kept[t] = torch.sign(out).abs_().sum()
+        acc.add_(out, alpha=float(w[t]))
+    info = {"kept": kept}
+    if chunk.row0 == 0:  # once per tensor
+        info["rank_kept"] = f["k"].sum(-1).double()
+        info["rank_full"] = torch.full((chunk.n,), float(min(r, c) * math.prod(shape[:-2])))
+    return chunk.base + p["lam"] * acc / w.sum(), info
 
 
 def _apply(chunk: Chunk, stats: dict, p: dict):
@@ -53,6 +138,8 @@ def _apply(chunk: Chunk, stats: dict, p: dict):
         if p["one_d"] == "base":
             return chunk.base.clone(), {"kept": torch.zeros(chunk.n, dtype=torch.int64)}
         return chunk.base + p["lam"] * (tau * per_model(w, tau)).sum(0) / w.sum(), info
+    if p["svd"] == "gram":
+        return _apply_gram(chunk, stats, p, w)
     mats = tau.reshape(chunk.n, -1, shape[-2], shape[-1])
     acc, kept, ranks = torch.zeros(mats.shape[1:]), torch.empty(chunk.n), []
     for t in range(chunk.n):  # one truncated task matrix at a time: the sum is all that is kept
@@ -91,8 +178,11 @@ register(
             "lam": Param(1.0, "scale of the averaged task vector (the paper: 1)"),
             "weights": Param(None, "averaging weights (None = equal)"),
             "svd": Param(
-                "exact", "'exact' (torch.linalg.svd) or 'randomized' (seeded range finder)", ("exact", "randomized")
-            ),  # fmt: skip
+                "exact",
+                "'exact' (torch.linalg.svd), 'randomized' (seeded range finder) or 'gram' (fp64 eigendecomposition of "
+                "the short-side Gram matrix; streams tall matrices by rows)",
+                ("exact", "randomized", "gram"),
+            ),
             "rank": Param(16, "svd='randomized': rank of the approximation"),
             "seed": Param(0, "svd='randomized': seed of the range finder"),
             "one_d": Param(
@@ -100,7 +190,8 @@ register(
             ),  # fmt: skip
         },
         apply=_apply,
-        chunkable=lambda p: False,
+        stages=lambda p: [Stage("gram", "sum", _gram, finish=_factors(p["eta"]))] if p["svd"] == "gram" else [],
+        chunkable=lambda p, shape: p["svd"] == "gram" and (len(shape) < 2 or _tall(shape)),
         random=lambda p: p["svd"] == "randomized",
         validate=_validate,
         doc=__doc__,

@@ -26,6 +26,7 @@ PARAMS = {
     "pcb": {"scope": "tensor"},
     "pcb_row": {"scope": "row"},
     "star": {},
+    "star_gram": {"svd": "gram"},  # tall matrices streamed by rows; the [3, 8, 6] stack's chunks straddle matrices
 }
 
 
@@ -73,7 +74,10 @@ def test_streaming_in_chunks_equals_in_memory(ckpts, tmp_path, case, hold_bytes)
             assert torch.equal(out[name], b)
             continue
         expected = merge_tensors(method, b, [f[name] for f in fts], name=name, **params)
-        assert torch.equal(out[name], expected), name
+        if case == "star_gram":  # Gram matrices summed chunk by chunk: fp64 rounding differs from one product
+            torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(out[name], expected), name
 
 
 @pytest.mark.parametrize("params", [{"method": "ties", "scope": "tensor", "density": 1.0},
@@ -353,32 +357,33 @@ def test_worker_threads_give_the_same_bytes_and_respect_the_memory_budget(ckpts,
 
 
 def test_heap_policy_keeps_freed_buffers_in_the_heap_and_hands_them_back_after():
-    # In a fresh interpreter (other tests change this process's heap). glibc's mallinfo2: fordblks = free bytes
-    # held in the heap. By default a 64 MiB buffer is mmapped and unmapped on free; inside the policy it comes from
-    # the heap and stays there free for the next buffer; on exit the policy trims it.
+    # In a fresh interpreter (other tests change this process's heap), measured by the resident set: by default a
+    # freed 64 MiB buffer is unmapped at once; inside the policy it stays resident for the next buffer; when the
+    # policy ends it is handed back (trimmed off the heap top, or its pages released if small blocks sit above it).
     code = """
-import ctypes, torch
+import os, torch
 from merging import heap
-libc = heap._libc()
-if libc is None or not hasattr(libc, "mallinfo2"):
+if heap._libc() is None:
     print("skip")
     raise SystemExit
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Info
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 big = 64 << 20
-x = torch.empty(big // 4)
-default = libc.mallinfo2().hblkhd >= big  # mmapped
+x = torch.ones(big // 4)
+r0 = rss()
 del x
+default = r0 - rss() > 0.9 * big  # unmapped on free
 with heap.heap_policy():
-    x = torch.empty(big // 4)
+    x = torch.ones(big // 4)
+    r1 = rss()
     del x
-    kept = libc.mallinfo2().fordblks >= big
-after = libc.mallinfo2().fordblks < big
+    kept = r1 - rss() < 0.1 * big  # still resident
+    r2 = rss()
+after = r2 - rss() > 0.9 * big
 print(int(default), int(kept), int(after))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     if out == ["skip"]:
-        pytest.skip("not glibc >= 2.33")
+        pytest.skip("not glibc")
     assert out == ["1", "1", "1"]

@@ -261,6 +261,29 @@ def test_star_preserves_the_nuclear_norm_and_lowers_the_rank():
     assert torch.equal(a, b) and torch.linalg.matrix_rank(a) <= 5
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (16, 16), (3, 20, 7), (2, 5, 9), (1, 6), (6, 1)])
+def test_star_gram_equals_the_svd_truncation(shape):
+    # tall, wide, square, stacks of tall / wide matrices, single rows and columns
+    g = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=g)
+    fts = [base + torch.randn(shape, generator=g) * (1 + i) for i in range(3)]
+    exact = merge_tensors("star", base, fts, eta=40)
+    gram = merge_tensors("star", base, fts, eta=40, svd="gram")
+    torch.testing.assert_close(gram, exact, rtol=1e-4, atol=1e-4)
+    delta = gram - base  # the mean of 3 rescaled truncations: nuclear norm at most the mean of theirs
+    assert torch.linalg.matrix_norm(delta.reshape(-1, *shape[-2:]), "nuc").sum() <= sum(
+        torch.linalg.matrix_norm((f - base).reshape(-1, *shape[-2:]), "nuc").sum() for f in fts
+    ) / 3 * (1 + 1e-5)
+
+
+def test_star_gram_streams_tall_matrices_only():
+    star = METHODS["star"]
+    p = star.resolve({"svd": "gram"}, 2)
+    assert star.chunkable(p, (32000, 1024)) and star.chunkable(p, (8, 1024, 512)) and star.chunkable(p, (7,))
+    assert not star.chunkable(p, (1024, 2816))  # wide: M M^T needs the whole matrix
+    assert not star.chunkable(star.resolve({}, 2), (32000, 1024))  # the exact SVD needs the whole matrix
+
+
 # --------------------------------------------------------------------------------- order statistics, RNG
 
 
