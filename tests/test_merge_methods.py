@@ -8,7 +8,7 @@ import torch
 from merging import METHODS, merge_tensors
 from merging.registry import Stream
 from merging.select import StreamSelect, order_stats
-from merging.sparsify import bernoulli_keep, elect_sign, magprune_keep_prob, trim_topk
+from merging.sparsify import bernoulli_keep, elect_sign, magprune_keep_prob, rank_order, trim_topk
 from merging.star import truncate
 
 # ------------------------------------------------------------------------------------------- linear / TA
@@ -173,6 +173,18 @@ def test_della_keep_probabilities_by_hand_and_rise_with_rank():
     expected = 0.1 + 0.8 * torch.arange(10) / 9
     assert (kept - expected).abs().max() < 0.1
     assert kept[-3:].mean() > kept[:3].mean() + 0.5
+
+
+@pytest.mark.parametrize("shape", [(5, 1), (3, 7), (4, 1024), (1, 70001), (2, 3, 5)])
+def test_rank_order_is_the_stable_argsort(shape):
+    # zeros (untouched entries), repeated magnitudes, subnormals and the largest finite value: ranked by value,
+    # then by position
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(shape, generator=g).abs()
+    x[torch.rand(shape, generator=g) < 0.5] = 0
+    x[..., ::3] = x[..., :1].clone()
+    x.view(-1)[:2] = torch.tensor([1e-45, torch.finfo(torch.float32).max])
+    assert torch.equal(rank_order(x), x.argsort(dim=-1, stable=True))
 
 
 def test_della_rescale_is_unbiased_and_elect_fuse_by_hand():
