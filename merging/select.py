@@ -11,6 +11,7 @@ tensor (``torch.kthvalue`` for at most ``SMALL`` entries).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SMALL = 1 << 16
@@ -93,12 +94,13 @@ class OrderStats:
         return out
 
 
-def _split_band(band: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor, int]:
+def _split_band(band: np.ndarray, lo: float, hi: float) -> tuple[int, torch.Tensor, int]:
     """(count == lo, the values strictly inside, count == hi) of values in [lo, hi]: atoms (e.g. the many exact
-    zeros of sparse task vectors) are counted, not stored."""
-    at_lo = int((band == lo).sum())
-    at_hi = int((band == hi).sum()) if hi != lo else 0
-    return at_lo, band[(band > lo) & (band < hi)], at_hi
+    zeros of sparse task vectors) are counted, not stored. numpy: its SIMD compares and counts are about 6x
+    torch's bool masks on the CPU."""
+    at_lo = int(np.count_nonzero(band == lo))
+    at_hi = int(np.count_nonzero(band == hi)) if hi != lo else 0
+    return at_lo, torch.from_numpy(band[(band > lo) & (band < hi)]), at_hi
 
 
 def _pick(k: int, below: int, at_lo: int, inner: torch.Tensor, at_hi: int, lo: float, hi: float) -> float | None:
@@ -124,11 +126,12 @@ def _bracketed(v: torch.Tensor, k: int) -> float | None:
     sample = v[:: max(1, m // 16384)].sort().values
     lo, hi = _bracket(sample, k, m)
     guess = sample[min(sample.numel() - 1, int((k - 0.5) / m * sample.numel()))].item()
+    v = v.numpy()
     if guess in (lo, hi):
-        below = int((v < guess).sum())
-        if below < k <= below + int((v == guess).sum()):
+        below = int(np.count_nonzero(v < guess))
+        if below < k <= below + int(np.count_nonzero(v == guess)):
             return guess
-    below = int((v < lo).sum())
+    below = int(np.count_nonzero(v < lo))
     return _pick(k, below, *_split_band(v[(v >= lo) & (v <= hi)], lo, hi), lo, hi)
 
 
@@ -199,15 +202,15 @@ class StreamSelect:
             self._sample.append(values.float().clone())
         elif self._pass == 1:
             for i in range(values.shape[0]):
-                v = values[i]
+                v = values[i].numpy()
                 for j, (lo, hi) in enumerate(self._brackets[i]):
                     if lo == hi:  # an atom: count it, gather nothing
-                        at_lo, inner, at_hi = int((v == lo).sum()), None, 0
+                        at_lo, inner, at_hi = int(np.count_nonzero(v == lo)), None, 0
                     else:
                         at_lo, inner, at_hi = _split_band(v[(v >= lo) & (v <= hi)], lo, hi)
                         self._band[i][j].append(inner)
                     acc = self._below[i][j]
-                    self._below[i][j] = (acc[0] + int((v < lo).sum()), acc[1] + at_lo, acc[2] + at_hi)
+                    self._below[i][j] = (acc[0] + int(np.count_nonzero(v < lo)), acc[1] + at_lo, acc[2] + at_hi)
         else:
             self._radix.update(values)
 
