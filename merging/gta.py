@@ -52,8 +52,10 @@ def _dropped(chunk: Chunk, stats: dict, p: dict, drop: str | None) -> torch.Tens
         keep_prob = 1.0 - p["drop"]
         if keep_prob >= 1.0:
             return tau
+    elif p["scope"] == "tensor":  # this chunk's rows of the probabilities ranked over the whole tensor
+        keep_prob = stats["keep"][:, chunk.row0 * C : (chunk.row0 + R) * C].view(-1, R, C)
     else:
-        keep_prob = magprune_keep_prob(tau, p["density"], p["epsilon"], p["scope"])
+        keep_prob = magprune_keep_prob(tau.abs(), p["density"], p["epsilon"])
     mask = bernoulli_keep((R, C), keep_prob, chunk.gens)
     if p["rescale"] == "inverse":
         if torch.is_tensor(keep_prob):
@@ -88,10 +90,13 @@ def _gta_stages(spec: dict):
     def stages(p: dict) -> list[Stage]:
         out = []
         drop = spec["drop"]
+        if drop == "della" and p["scope"] == "tensor":  # every entry's magnitude, then ranks over the tensor
+            finish = lambda mag: magprune_keep_prob(mag, p["density"], p["epsilon"], out=mag)  # noqa: E731
+            out.append(Stage("keep", "gather", lambda c, s: c.tau.abs().flatten(1), finish=finish))
         if drop is not None and p.get("rescale") == "l1":
 
             def l1(chunk, stats):
-                kept = _dropped(chunk, {}, {**p, "rescale": "none"}, drop)
+                kept = _dropped(chunk, stats, {**p, "rescale": "none"}, drop)
                 return torch.stack(
                     [
                         chunk.tau.abs().flatten(1).sum(1, dtype=torch.float64),

@@ -286,6 +286,7 @@ class Engine:
                 self._emit(report, c, merged, info, write, e)
         finally:
             self.loader.release(u)
+            self.tensor_stats.pop(u.key, None)  # per-entry stats (DELLA's tensor-scope ranks) are N x the tensor
         if fixes and total < 0:  # the deferred tie-break sign is -1: rewrite the entries it decides
             self._fix(e, u, fixes, patch, report)
 
@@ -323,6 +324,8 @@ class Engine:
                 cost = WORK * (self.n + 1) * min(elems, self.chunk_elems) * 4
                 if u.mode == "merge" and self._holds(e, u):
                     cost += (self.n + 1) * elems * 4
+            if u.mode == "merge" and any(s.kind == "gather" for s in self.stages):  # [N, elems] fp32, int64 keys
+                cost += (self.n * 4 + 8) * elems
             most = max(most, cost)
         return most
 
@@ -494,6 +497,8 @@ def _merge_entries(engine: Engine, entries: list[Entry], writer: ShardedWriter, 
     def within_budget(e: Entry) -> dict:
         need = engine.working_bytes(e)
         with budget.take(need):
+            if need > budget.total // 4:  # a large tensor: first hand back the free memory the heap keeps
+                release_above(0)
             if need < budget.total:
                 return one(e)
             torch.set_num_threads(threads)  # it runs alone: its ops may use every thread

@@ -165,7 +165,6 @@ gta_method(
     drop="della",
     majority=False,
     validate=_validate_della,
-    chunkable=lambda p, shape: p["scope"] == "row",
     doc="MagPrune: keep each entry with probability rising linearly with its magnitude rank, rescale by 1/p, "
     "elect signs on w_t * tau_t (sum >= 0 -> +), weighted disjoint mean, scale by lam.",
 )

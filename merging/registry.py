@@ -86,6 +86,8 @@ class Stage:
 
     kind "select": ``fn(chunk, stats) -> [N, m]`` values; result ``[N, len(ranks)]`` k-th smallest values, with
     ``ranks(population_size)`` 1-based. kind "sum": ``fn(chunk, stats) -> tensor``; result: the sum over chunks.
+    kind "gather" (level "tensor" only): ``fn(chunk, stats) -> [N, entries of the chunk]``; result: ``[N, m]``,
+    the whole tensor's values in row-major order (for statistics of every entry, e.g. ranks over the tensor).
     level: "tensor" (one population per tensor) or "global" (all tensors of the model together).
     random: fn draws from ``chunk.gens`` (the caller hands it fresh streams for each pass).
     inline: ``apply`` computes it itself when its chunk is the whole population, so it is skipped then.
@@ -123,6 +125,8 @@ class Accumulator:
         self.size = size
         self._sel = StreamSelect(stage.ranks, size) if stage.kind == "select" else None
         self._sum: torch.Tensor | None = None
+        if stage.kind == "gather" and stage.level != "tensor":
+            raise ValueError(f"stage {stage.key!r}: a 'gather' stage must be of level 'tensor'")
 
     @property
     def passes(self) -> int:
@@ -134,7 +138,12 @@ class Accumulator:
 
     def update(self, chunk: Chunk, stats: dict, thin: bool = True) -> None:
         value = self.stage.fn(chunk, stats)
-        if self._sel is not None:
+        if self.stage.kind == "gather":
+            if self._sum is None:
+                self._sum = torch.empty(value.shape[0], self.size)
+            at = chunk.row0 * chunk.tau.shape[-1]
+            self._sum[:, at : at + value.shape[1]] = value
+        elif self._sel is not None:
             if self._sel.sampling and thin:
                 value = value[:, :: max(1, self.size // SAMPLE)]
             self._sel.update(value)
@@ -155,7 +164,10 @@ def gather_in_memory(stage: Stage, chunk: Chunk, stats: dict, fresh_gens) -> tor
     if stage.random:
         chunk.gens = fresh_gens()
     value = stage.fn(chunk, stats)
-    out = order_stats(value, stage.ranks) if stage.kind == "select" else value.double()
+    if stage.kind == "select":
+        out = order_stats(value, stage.ranks)
+    else:
+        out = value if stage.kind == "gather" else value.double()
     return stage.finish(out) if stage.finish else out
 
 

@@ -146,19 +146,21 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="merging-rng")
 
 
-def magprune_keep_prob(tau: torch.Tensor, density: float, epsilon: float, scope: str = "row") -> torch.Tensor:
-    """DELLA MagPrune keep probabilities ``[N, R, C]``: entries ranked by |tau| ascending within each row
-    (scope "row") or over the whole tensor ("tensor"); normalized rank r in [0, 1];
-    ``p_keep = density - epsilon + 2 * epsilon * r``. A single-entry population gets r = 1/2 (p_keep = density).
-    Equal magnitudes are ranked by position.
-    """
-    m = tau[0].numel() if scope == "tensor" else tau.shape[-1]
-    r = torch.arange(m, dtype=torch.float32).div_(m - 1) if m > 1 else torch.full((1,), 0.5)
-    p_sorted = r.mul_(2 * epsilon).add_(density - epsilon)  # the keep probability of each rank
-    out = torch.empty(tau.shape)
-    for t in range(tau.shape[0]):  # one model at a time: the int64 sort keys of a whole tensor are large
-        mag = tau[t].abs().reshape(-1) if scope == "tensor" else tau[t].abs()
-        out[t].view(mag.shape).scatter_(-1, rank_order(mag), p_sorted.expand_as(mag))
+def magprune_keep_prob(mag: torch.Tensor, density: float, epsilon: float, out: torch.Tensor | None = None):
+    """DELLA MagPrune keep probabilities of magnitudes ``mag [N, ..., m]``, ranked ascending along the last dim
+    (a row, or a whole tensor flattened); normalized rank r in [0, 1]; ``p_keep = density - epsilon + 2 epsilon r``.
+    A single-entry population gets r = 1/2 (p_keep = density). Equal magnitudes are ranked by position.
+    ``out`` may be ``mag`` itself (each model's magnitudes are read before its probabilities are written)."""
+    m = mag.shape[-1]
+    out = torch.empty(mag.shape) if out is None else out
+    for t in range(mag.shape[0]):  # one model at a time: the int64 sort keys of a whole tensor are large
+        order = rank_order(mag[t])
+        for i in range(0, m, 1 << 20):  # ranks [i, j): their keep probabilities, scattered to their entries
+            j = min(m, i + (1 << 20))
+            r = torch.arange(i, j, dtype=torch.float32).div_(m - 1) if m > 1 else torch.full((1,), 0.5)
+            p_rank = r.mul_(2 * epsilon).add_(density - epsilon)
+            out[t].scatter_(-1, order[..., i:j], p_rank.expand_as(order[..., i:j]))
+        del order  # before the next model's keys are allocated
     return out
 
 
@@ -170,6 +172,9 @@ def rank_order(mag: torch.Tensor) -> torch.Tensor:
     bits = max(1, (m - 1).bit_length())
     if bits > 32:
         raise ValueError(f"rank_order: rows of {m} entries; at most 2^32 are supported")
-    key = mag.contiguous().view(torch.int32).long().bitwise_left_shift_(bits).bitwise_or_(torch.arange(m))
+    key, mag_bits = torch.empty(mag.shape, dtype=torch.int64), mag.contiguous().view(torch.int32)
+    for i in range(0, m, 1 << 20):  # in blocks along the row: no whole-row temporaries besides the keys
+        j = min(m, i + (1 << 20))
+        key[..., i:j].copy_(mag_bits[..., i:j]).bitwise_left_shift_(bits).bitwise_or_(torch.arange(i, j))
     key.numpy().sort(axis=-1)
     return key.bitwise_and_((1 << bits) - 1)

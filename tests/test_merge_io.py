@@ -23,6 +23,7 @@ PARAMS = {
     "dare": {"drop": 0.4},
     "dare_ties_l1": {"drop": 0.4, "combine": "ties", "rescale": "l1", "density": 0.5, "scope": "tensor"},
     "della": {},
+    "della_tensor": {"scope": "tensor", "epsilon": 0.2},  # ranks over the whole tensor, gathered in a first pass
     "pcb": {"scope": "tensor"},
     "pcb_row": {"scope": "row"},
     "star": {},
@@ -387,3 +388,19 @@ print(int(default), int(kept), int(after))
     if out == ["skip"]:
         pytest.skip("not glibc")
     assert out == ["1", "1", "1"]
+
+
+def test_per_tensor_statistics_are_dropped_once_the_tensor_is_merged(ckpts, tmp_path, monkeypatch):
+    # DELLA's tensor-scope ranks are N x the tensor in fp32: kept for every tensor, they would add up to N x the model
+    merge_module = importlib.import_module("merging.merge")
+    sizes = []
+    merge_unit = merge_module.Engine.merge_unit
+
+    def recording(self, e, u, *args):
+        merge_unit(self, e, u, *args)
+        sizes.append(len(self.tensor_stats))
+
+    monkeypatch.setattr(merge_module.Engine, "merge_unit", recording)
+    _, _, bdir, fdirs = ckpts
+    merge(bdir, fdirs, tmp_path / "out", method="della", scope="tensor", progress=False, chunk_elems=40, workers=1)
+    assert len(sizes) >= 5 and sizes == [0] * len(sizes)

@@ -163,7 +163,12 @@ def test_dare_l1_rescale_matches_the_l1_norm_and_ties_combine_elects():
 def test_della_keep_probabilities_by_hand_and_rise_with_rank():
     tau = torch.tensor([[[0.1, -0.3, 0.2]]])
     # ranks by |tau| ascending: 0.1 -> 0, 0.2 -> 1, 0.3 -> 2; normalized 0, 1/2, 1 -> p = 0.4 + 0.2 r
-    torch.testing.assert_close(magprune_keep_prob(tau, 0.5, 0.1), torch.tensor([[[0.4, 0.6, 0.5]]]))
+    torch.testing.assert_close(magprune_keep_prob(tau.abs(), 0.5, 0.1), torch.tensor([[[0.4, 0.6, 0.5]]]))
+    # scope "tensor": ranked over the flattened tensor (ties by position), in place
+    mag = torch.tensor([[0.2, 0.0, 0.2, 0.1, 0.0]])  # ranks 3, 0, 4, 2, 1 of 5 -> r = rank / 4
+    expected = 0.4 + 0.2 * torch.tensor([[3.0, 0.0, 4.0, 2.0, 1.0]]) / 4
+    assert magprune_keep_prob(mag, 0.5, 0.1, out=mag) is mag
+    torch.testing.assert_close(mag, expected)
     # empirically: over many seeds the keep frequency is monotone in the magnitude rank
     row = torch.arange(1.0, 11.0)
     kept = torch.stack([
