@@ -5,6 +5,11 @@ those are mmapped, or trimmed off the heap top, on every free and page-faulted b
 on the 2-core benchmark machine that was 650k page faults and a third of a task-arithmetic merge. ``heap_policy``
 keeps freed memory in the heap for the duration of the merge and hands it back when the merge ends;
 ``release_above`` trims mid-merge when the resident set grows past a limit. Both do nothing off glibc.
+
+Setting a threshold with ``mallopt`` turns off glibc's dynamic thresholds for the rest of the process, and there
+is no call that turns them back on. So the policy does not end on glibc's static defaults (128 KiB: every buffer
+above that would be mmapped and page-faulted on each allocation, 4 MiB in 1025 faults); it ends on the values the
+dynamic scheme can reach, 32 MiB for mmap and twice that for trimming (glibc's DEFAULT_MMAP_THRESHOLD_MAX).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-GLIBC_DEFAULT = 128 * 1024  # both thresholds' documented defaults
+AFTER_MMAP = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the highest its dynamic threshold goes
 
 
 @functools.cache
@@ -32,7 +37,8 @@ def _libc():
 @contextmanager
 def heap_policy(keep: int = 512 << 20) -> Iterator[None]:
     """Within the block, allocations below ``keep // 2`` bytes come from the heap and up to ``keep`` free bytes
-    stay there; on exit the free memory is returned to the OS and the thresholds go back to glibc's defaults."""
+    stay there; on exit the free memory is returned to the OS and the thresholds are left where glibc's dynamic
+    scheme can take them (see the module docstring)."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, keep // 2)
@@ -42,8 +48,8 @@ def heap_policy(keep: int = 512 << 20) -> Iterator[None]:
     finally:
         if libc is not None:
             libc.malloc_trim(0)
-            libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT)
-            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT)
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * AFTER_MMAP)
+            libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP)
 
 
 def release_above(limit: int = 1 << 30) -> None:

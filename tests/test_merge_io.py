@@ -360,7 +360,8 @@ def test_worker_threads_give_the_same_bytes_and_respect_the_memory_budget(ckpts,
 def test_heap_policy_keeps_freed_buffers_in_the_heap_and_hands_them_back_after():
     # In a fresh interpreter (other tests change this process's heap), measured by the resident set: by default a
     # freed 64 MiB buffer is unmapped at once; inside the policy it stays resident for the next buffer; when the
-    # policy ends it is handed back (trimmed off the heap top, or its pages released if small blocks sit above it).
+    # policy ends it is handed back (trimmed off the heap top, or its pages released if small blocks sit above it),
+    # and MiB-sized buffers are still recycled afterwards (mallopt ended glibc's dynamic thresholds for good).
     code = """
 import os, torch
 from merging import heap
@@ -382,12 +383,18 @@ with heap.heap_policy():
     kept = r1 - rss() < 0.1 * big  # still resident
     r2 = rss()
 after = r2 - rss() > 0.9 * big
-print(int(default), int(kept), int(after))
+import resource
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):  # 4 MiB buffers after the policy: reused from the heap, not mmapped and faulted in each time
+    y = torch.ones(1 << 20)
+    del y
+reused = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 50 * 64
+print(int(default), int(kept), int(after), int(reused))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     if out == ["skip"]:
         pytest.skip("not glibc")
-    assert out == ["1", "1", "1"]
+    assert out == ["1", "1", "1", "1"]
 
 
 def test_per_tensor_statistics_are_dropped_once_the_tensor_is_merged(ckpts, tmp_path, monkeypatch):
