@@ -93,8 +93,8 @@ def _gram(chunk: Chunk, stats: dict) -> torch.Tensor:
 
 def _factors(eta: float):
     def finish(gram: torch.Tensor) -> dict:
-        """Per model and matrix: the top-k eigenvectors ``Q [N, B, s, k_max]`` (zero past each k) in fp32 with the
-        rescale folded in, and the kept ranks ``k [N, B]``."""
+        """Per model and matrix: ``q [N, B, s, k_max]``, the top-k eigenvectors in fp32 (zero past each k);
+        ``qs``, the same times the nuclear-norm rescale; ``k [N, B]``, the kept ranks."""
         if gram.dim() < 4:
             return None
         lam, vec = torch.linalg.eigh(gram)  # ascending
