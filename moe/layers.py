@@ -14,11 +14,10 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from moe import kernels
 from moe.config import MoEConfig, RouterConfig
+from moe.dispatch import build_dispatcher
 from moe.routers import build_router
 from moe.routing import RoutingResult
 
@@ -69,7 +68,9 @@ class SwiGLUExperts(nn.Module):
                 continue
             h = F.silu(x_e @ self.w_gate[e]) * (x_e @ self.w_up[e])
             outs.append(h @ self.w_down[e])
-        return torch.cat(outs) if outs else x_SD.new_zeros(x_SD.shape)
+        # no rows at all: an empty result that stays in the graph, so an expert-parallel backward still runs both
+        # exchanges on this rank (a rank left out of a collective would hang its peers)
+        return torch.cat(outs) if outs else x_SD * 0.0
 
 
 class SwiGLU(nn.Module):
@@ -85,37 +86,13 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-def slot_order(
-    ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, capacity: int | None, policy: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept slots (``t*k + j`` indices) grouped by expert, and the kept count per expert ``[E]``.
-
-    Dropless (``capacity=None``): every slot, stable within an expert. Otherwise each expert keeps at most
-    ``capacity`` slots: those with the highest weight ("probability") or the earliest tokens ("position").
-    """
-    flat_ids = ids_TK.reshape(-1)
-    if capacity is None or policy == "position":
-        order = torch.argsort(flat_ids, stable=True)
-    else:
-        by_weight = torch.argsort(-weights_TK.detach().reshape(-1), stable=True)
-        order = by_weight[torch.argsort(flat_ids[by_weight], stable=True)]
-    counts = torch.bincount(flat_ids, minlength=num_experts)
-    if capacity is None:
-        return order, counts
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=order.device) - starts[flat_ids[order]]
-    keep = rank < capacity
-    return order[keep], counts.clamp(max=capacity)
-
-
 class MoELayer(nn.Module):
     """Routed SwiGLU experts; dropless sort-by-expert dispatch, or capacity-limited with a drop policy.
 
-    Dispatch: take the kept ``(token, choice)`` slots grouped by expert (``moe.kernels.permute`` when dropless),
-    gather their token rows, run the experts on their contiguous blocks (grouped GEMM), put the outputs back at
-    their slot (dropped slots stay 0, so those tokens pass only through the residual stream) and combine each
-    token's k outputs with its routing weights (``moe.kernels.unpermute``). Gathers only: no scatter-add, so
-    token-choice routing is deterministic.
+    ``router -> dispatcher -> experts``: the dispatcher (``moe.dispatch``) groups the kept ``(token, choice)``
+    rows by expert, the experts run on their contiguous blocks (grouped GEMM), and the dispatcher combines each
+    token's k outputs with its routing weights (dropped slots give 0, so those tokens pass only through the
+    residual stream). Token-choice combines are gathers, not scatter-adds, so they are deterministic.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, router: RouterConfig, moe: MoEConfig | None = None,
@@ -139,26 +116,13 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.n_shared > 0 and moe.shared_gate else None
         self.residual = SwiGLU(d_model, d_ff) if moe.residual else None
         self.residual_coef = nn.Linear(d_model, 2) if moe.residual else None
+        # router -> dispatcher -> experts; moe.parallel.expert_parallel swaps in the all-to-all dispatcher
+        self.dispatcher = build_dispatcher(router.kind, moe, num_experts)
 
     def _routed(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, RoutingResult]:
-        if r.expert_tokens is not None:  # expert choice: expert e takes tokens expert_tokens[e]
-            E, C = r.expert_tokens.shape
-            y_SD = self.experts(x_TD[r.expert_tokens.reshape(-1)], torch.full((E,), C, device=x_TD.device))
-            gates = r.weights[r.expert_tokens, torch.arange(E, device=x_TD.device)[:, None]].reshape(-1, 1)
-            return torch.zeros_like(x_TD).index_add(0, r.expert_tokens.reshape(-1), y_SD * gates.to(y_SD)), r
-        T, k = r.ids.shape
-        cf = self.moe_cfg.capacity_factor
-        if cf == 0:  # dropless: moe.kernels permute / unpermute (Triton on CUDA, the PyTorch reference elsewhere)
-            x_SD, rows_TK = kernels.permute(x_TD, r.ids, r.counts)
-            y_SD = self.experts(x_SD, r.counts)
-            return kernels.unpermute(y_SD, r.weights.to(y_SD.dtype), rows_TK), r
-        capacity = math.ceil(cf * T * k / self.num_experts)
-        order_S, counts_E = slot_order(r.ids, r.weights, self.num_experts, capacity, self.moe_cfg.drop_policy)
-        y_SD = self.experts(x_TD[order_S // k], counts_E)
-        y_slots = x_TD.new_zeros(T * k, x_TD.shape[-1]).index_put((order_S,), y_SD)  # unique indices: deterministic
-        y_TKD = rearrange(y_slots, "(t k) d -> t k d", k=k)
-        y_TD = torch.einsum("tkd,tk->td", y_TKD, r.weights.to(y_TKD.dtype))
-        return y_TD, replace(r, dropped_fraction=1.0 - order_S.numel() / max(T * k, 1) + r.weights.new_zeros(()))
+        x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, r)
+        y_TD = self.dispatcher.combine(self.experts(x_SD, counts_E), plan)
+        return y_TD, r if plan.dropped_fraction is None else replace(r, dropped_fraction=plan.dropped_fraction)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         """x: ``[..., S, d]`` -> (``[..., S, d]``, RoutingResult over the ``T = prod(...)`` flattened tokens)."""

@@ -8,7 +8,12 @@ AUX_MODES = ("switch", "hf", "sequence")
 
 
 def load_balancing_loss(
-    probs: torch.Tensor, ids: torch.Tensor, num_experts: int, mode: str = "switch", seq_len: int | None = None
+    probs: torch.Tensor,
+    ids: torch.Tensor,
+    num_experts: int,
+    mode: str = "switch",
+    seq_len: int | None = None,
+    counts_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e``.
 
@@ -19,6 +24,11 @@ def load_balancing_loss(
     - "hf": ``f_e = count_e / T`` (transformers' ``load_balancing_loss_func``), so the loss is k at uniform.
     - "sequence": the "switch" loss computed within each sequence of ``seq_len`` tokens, averaged over sequences
       (DeepSeek-V2/V3 sequence-wise balance); 1 when every sequence is balanced.
+
+    counts_E: the slot counts summed over the data-parallel group (global-batch balance, as Megatron's
+    ``global_aux_loss``); ``f_e`` then comes from them (``count_e / sum(counts) * (1 or k)``) while ``P_e`` stays
+    local, so the mean of the ranks' gradients is the gradient of the one-process loss on the whole batch.
+    Ignored by "sequence", which is local by definition.
     """
     if mode not in AUX_MODES:
         raise ValueError(f"mode={mode!r}: expected one of {AUX_MODES}")
@@ -36,6 +46,10 @@ def load_balancing_loss(
         f_BE = counts_BE / (seq_len * k)
         P_BE = probs.reshape(B, seq_len, num_experts).mean(1)
         return num_experts * (f_BE * P_BE).sum(-1).mean()
+    if counts_E is not None:
+        counts_E = counts_E.to(probs.dtype)
+        f_E = counts_E / counts_E.sum().clamp_min(1) * (1 if mode == "switch" else k)
+        return num_experts * torch.dot(f_E, probs.mean(dim=0))
     counts_E = torch.bincount(ids.reshape(-1), minlength=num_experts).to(probs.dtype)
     f_E = counts_E / (T * k if mode == "switch" else T)
     P_E = probs.mean(dim=0)

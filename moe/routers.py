@@ -49,6 +49,8 @@ class TopKRouter(nn.Module):
         # Auxiliary-loss-free bias: a buffer (not a parameter), moved by the sign rule in update_bias().
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.register_buffer("pending_counts", torch.zeros(num_experts), persistent=False)
+        # counts [E] -> counts summed over the data-parallel group; installed by moe.parallel, None on one device
+        self.reduce_counts = None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.jitter > 0:
@@ -64,10 +66,11 @@ class TopKRouter(nn.Module):
         r = route(
             logits_TE, cfg.k, score=cfg.score, renormalize=cfg.renormalize, order=cfg.order,
             bias=self.expert_bias if cfg.bias_update_rate > 0 else None, n_group=cfg.n_group,
-            topk_group=cfg.topk_group, scaling=cfg.scaling, aux_loss_mode=cfg.aux_loss_mode, seq_len=seq_len, **kw,
+            topk_group=cfg.topk_group, scaling=cfg.scaling, aux_loss_mode=cfg.aux_loss_mode, seq_len=seq_len,
+            reduce_counts=self.reduce_counts, **kw,
         )  # fmt: skip
         if self.training and cfg.bias_update_rate > 0:
-            self.pending_counts += r.counts.to(self.pending_counts)
+            self.pending_counts += r.load.to(self.pending_counts)
         if cfg.importance_loss_coef > 0:
             r.extra_losses["importance"] = cfg.importance_loss_coef * importance_loss(r.probs)
         return r
@@ -91,6 +94,7 @@ class NoisyTopKRouter(nn.Module):
         self.cfg, self.num_experts = cfg, num_experts
         self.w_gate = nn.Parameter(torch.zeros(num_experts, d_model))
         self.w_noise = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.reduce_counts = None  # see TopKRouter
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg, E, k = self.cfg, self.num_experts, self.cfg.k
@@ -115,10 +119,12 @@ class NoisyTopKRouter(nn.Module):
             p_in = torch.distributions.Normal(0.0, 1.0).cdf((clean_TE - threshold) / sigma_TE)
             extra["load"] = cfg.load_loss_coef * cv_squared(p_in.sum(0))
         ids = ids[:, :k]
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        load = self.reduce_counts(counts) if self.reduce_counts is not None else None
         return RoutingResult(
-            weights=weights, ids=ids, counts=torch.bincount(ids.reshape(-1), minlength=E), probs=probs,
-            aux_loss=load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len), z_loss=router_z_loss(clean_TE),
-            extra_losses=extra,
+            weights=weights, ids=ids, counts=counts, probs=probs, z_loss=router_z_loss(clean_TE),
+            aux_loss=load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load),
+            extra_losses=extra, global_counts=load,
         )  # fmt: skip
 
 
@@ -162,9 +168,12 @@ class GumbelRouter(TopKRouter):
         soft = soft / soft.sum(-1, keepdim=True).clamp_min(1e-20)
         weights = soft - soft.detach() + 1.0 / cfg.k if cfg.hard else soft
         probs = torch.softmax(logits_TE, dim=-1)
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        load = self.reduce_counts(counts) if self.reduce_counts is not None else None
         return RoutingResult(
-            weights=weights, ids=ids, counts=torch.bincount(ids.reshape(-1), minlength=E), probs=probs,
-            aux_loss=load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len), z_loss=router_z_loss(logits_TE),
+            weights=weights, ids=ids, counts=counts, probs=probs, z_loss=router_z_loss(logits_TE),
+            aux_loss=load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load),
+            global_counts=load,
         )  # fmt: skip
 
 

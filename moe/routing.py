@@ -32,7 +32,9 @@ class RoutingResult:
     probs: ``[T, E]`` fp32 router distribution over experts (sums to 1; used by the aux loss and statistics).
     aux_loss, z_loss: fp32 scalars, unscaled. extra_losses: further named scalars, already multiplied by their
     coefficients (added to the training loss as they are). dropped_fraction: share of slots a capacity-limited
-    layer dropped (0 when dropless).
+    layer dropped (0 when dropless). global_counts: ``counts`` summed over the data-parallel group when the
+    router has a ``reduce_counts`` installed (``moe.parallel``), else None; the aux loss, the bias update and the
+    routing statistics use it.
     """
 
     weights: torch.Tensor
@@ -44,6 +46,12 @@ class RoutingResult:
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     dropped_fraction: torch.Tensor | None = None
     expert_tokens: torch.Tensor | None = None  # expert choice: ``[E, C]`` token ids each expert takes
+    global_counts: torch.Tensor | None = None
+
+    @property
+    def load(self) -> torch.Tensor:
+        """Slots per expert ``[E]`` over the whole data-parallel batch (this rank's when nothing is reduced)."""
+        return self.counts if self.global_counts is None else self.global_counts
 
 
 def stable_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +109,7 @@ def route(
     scaling: float = 1.0,
     aux_loss_mode: str = "switch",
     seq_len: int | None = None,
+    reduce_counts=None,
     **score_kw,
 ) -> RoutingResult:
     """Route ``[T, E]`` logits to k experts per token and compute the load-balancing and z losses.
@@ -108,7 +117,8 @@ def route(
     score: a name in ``moe.gating.SCORE_FUNCTIONS`` (``score_kw`` go to it). bias ``[E]``: added to the scores for
     selection only. scaling: multiplies the final weights (DeepSeek-V3 ``routed_scaling_factor``). The aux loss
     uses the scores normalised to a distribution, and counts all k choices (``seq_len`` is needed by the
-    "sequence" aux mode).
+    "sequence" aux mode). reduce_counts: ``counts [E] -> counts summed over the data-parallel group`` (a
+    collective, called on every rank in every forward), or None for this rank's counts.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
@@ -135,11 +145,14 @@ def route(
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
     probs = _as_distribution(scores_TE)
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    global_counts = reduce_counts(counts) if reduce_counts is not None else None
     return RoutingResult(
         weights=weights * scaling,
         ids=ids,
-        counts=torch.bincount(ids.reshape(-1), minlength=E),
+        counts=counts,
         probs=probs,
-        aux_loss=load_balancing_loss(probs, ids, E, mode=aux_loss_mode, seq_len=seq_len),
+        aux_loss=load_balancing_loss(probs, ids, E, mode=aux_loss_mode, seq_len=seq_len, counts_E=global_counts),
         z_loss=router_z_loss(logits32),
+        global_counts=global_counts,
     )

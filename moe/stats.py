@@ -14,7 +14,7 @@ def routing_stats(r: RoutingResult, prefix: str, per_expert: bool = True) -> dic
     tokens_frac/e{i}: share of the T*k routed slots on expert i.  imbalance_max_mean: max(count)/mean(count).
     imbalance_cv: std(count)/mean(count) (population std).  entropy: mean over tokens of H(router probs), nats.
     """
-    counts = r.counts.float()
+    counts = r.load.float()  # summed over data-parallel ranks when the router reduces its counts
     mean = counts.mean().clamp_min(1e-9)
     p = r.probs
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import MoEConfig, RouterConfig
-from moe.layers import MoELayer, SwiGLU, slot_order
+from moe.dispatch import slot_order
+from moe.layers import MoELayer, SwiGLU
 from moe.smear import SMEARLayer
 from moe.soft_moe import SoftMoELayer
 
