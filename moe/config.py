@@ -113,12 +113,16 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """Subset of ``lightning.Trainer`` arguments; ``extra`` is passed through unchanged."""
+    """``lightning.Trainer`` arguments, instantiated from config (``_target_``); ``strategy`` may itself be a
+    ``_target_`` node (``conf/trainer/ddp.yaml``, ``deepspeed.yaml``). ``extra`` is passed through unchanged."""
 
+    _target_: str = "lightning.Trainer"
     max_steps: int = 1300
     max_time: str | None = None  # "DD:HH:MM:SS"; stops early when reached
     accelerator: str = "auto"
     devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
     precision: str = "32-true"
     gradient_clip_val: float | None = 1.0
     val_check_interval: int = 500
@@ -126,6 +130,15 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     deterministic: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelConfig:
+    """Expert parallelism (``moe.parallel``): groups of ``ep_size`` consecutive ranks share one copy of the
+    experts, each rank holding ``num_experts / ep_size`` of them. Needs a distributed strategy (trainer=ddp or
+    trainer=deepspeed) whose process count is a multiple of ep_size."""
+
+    ep_size: int = 1
 
 
 @dataclass
@@ -155,6 +168,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     init_from: str | None = None  # .ckpt, model.safetensors, or an exported model directory

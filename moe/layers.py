@@ -121,13 +121,16 @@ class MoELayer(nn.Module):
 
     def _routed(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, RoutingResult]:
         x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, r)
-        y_TD = self.dispatcher.combine(self.experts(x_SD, counts_E), plan)
+        with torch.profiler.record_function("moe/experts"):
+            y_SD = self.experts(x_SD, counts_E)
+        y_TD = self.dispatcher.combine(y_SD, plan)
         return y_TD, r if plan.dropped_fraction is None else replace(r, dropped_fraction=plan.dropped_fraction)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         """x: ``[..., S, d]`` -> (``[..., S, d]``, RoutingResult over the ``T = prod(...)`` flattened tokens)."""
         x_TD = x.reshape(-1, x.shape[-1])
-        r = self.router(x_TD, seq_len=x.shape[-2] if x.dim() >= 2 else None)
+        with torch.profiler.record_function("moe/router"):
+            r = self.router(x_TD, seq_len=x.shape[-2] if x.dim() >= 2 else None)
         y_TD, r = self._routed(x_TD, r)
         if self.shared is not None:
             shared = self.shared(x_TD)

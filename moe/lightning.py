@@ -96,9 +96,10 @@ class MoELitModule(L.LightningModule):
         accs = {f"val/acc/{t}": m.compute() for t, m in self.val_acc.items() if m.update_called}
         if not accs:  # e.g. a sanity check that saw no full task
             return
-        self.log_dict(accs)
-        self.log("val/mean_accuracy", torch.stack(list(accs.values())).mean(), prog_bar=True)
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        # torchmetrics has already summed the metrics over ranks; sync_dist averages equal values (no-op)
+        self.log_dict(accs, sync_dist=True)
+        self.log("val/mean_accuracy", torch.stack(list(accs.values())).mean(), prog_bar=True, sync_dist=True)
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
         for m in [*self.val_acc.values(), self.val_loss]:
             m.reset()
 

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from rich.console import Console
 from rich.table import Table
 
-from moe.config import LoggerConfig, TrainConfig
+from moe.config import LoggerConfig, TrainConfig, TrainerConfig
 from moe.data import MultiTaskDataModule
 from moe.evaluate import evaluate_tasks
-from moe.export import atomic_write, export_model, load_checkpoint, load_weights_into
+from moe.export import LIGHTNING_PREFIX, atomic_write, export_model, load_checkpoint, load_weights_into
 from moe.lightning import MoELitModule
+from moe.model import MoETransformer
 
 
 def build_logger(cfg: LoggerConfig, save_dir: str) -> Logger:
@@ -41,8 +43,39 @@ def accuracy_table(accs: dict[str, float], title: str) -> Table:
     return table
 
 
+def check_parallel(cfg: TrainConfig) -> None:
+    """Refuse, before any work, a parallel setup that cannot run here."""
+    strategy, ep = cfg.trainer.strategy, cfg.parallel.ep_size
+    target = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy)
+    if ep < 1:
+        raise ValueError(f"parallel.ep_size={ep}: expected >= 1")
+    if ep > 1 and "ExpertParallel" not in target:
+        raise ValueError(
+            f"parallel.ep_size={ep} needs an expert-parallel strategy: add trainer=ddp (CPU or GPU) or "
+            "trainer=deepspeed (GPU)"
+        )
+    if "deepspeed" in target.lower() and not torch.cuda.is_available():
+        raise ValueError(
+            "trainer=deepspeed: Lightning's DeepSpeedStrategy needs CUDA GPUs and none is visible; on the CPU use "
+            "trainer=ddp trainer.devices=N parallel.ep_size=P (gloo)"
+        )
+
+
+def build_trainer(tc: TrainerConfig, **runtime) -> L.Trainer:
+    """``lightning.Trainer`` from its config node (the strategy node instantiated with it); ``runtime`` adds what
+    the run decides (logger, callbacks, directories)."""
+    node = {k: v for k, v in asdict(tc).items() if k != "extra"}
+    node["val_check_interval"] = min(tc.val_check_interval, tc.max_steps)
+    return instantiate(node, check_val_every_n_epoch=None, enable_model_summary=False, **runtime, **tc.extra)
+
+
 def run(cfg: TrainConfig) -> dict:
-    """Train, evaluate every eval task, export ``model.safetensors`` + ``config.json``; returns results.json's dict."""
+    """Train, evaluate every eval task, export ``model.safetensors`` + ``config.json``; returns results.json's dict.
+
+    Under a distributed strategy every rank runs this; rank 0 alone evaluates and writes the export, from the full
+    (gathered) weights in an unsharded model, so results.json is what the export gives at EP=1.
+    """
+    check_parallel(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -83,37 +116,23 @@ def run(cfg: TrainConfig) -> dict:
     ]
     if cfg.callbacks.rich_progress and cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar())
-    tc = cfg.trainer
-    trainer = L.Trainer(
-        max_steps=tc.max_steps,
-        max_time=tc.max_time,
-        accelerator=tc.accelerator,
-        devices=tc.devices,
-        precision=tc.precision,
-        gradient_clip_val=tc.gradient_clip_val,
-        val_check_interval=min(tc.val_check_interval, tc.max_steps),
-        check_val_every_n_epoch=None,
-        log_every_n_steps=tc.log_every_n_steps,
-        enable_progress_bar=tc.enable_progress_bar,
-        deterministic=tc.deterministic,
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=str(out),
-        enable_model_summary=False,
-        **tc.extra,
-    )
+    trainer = build_trainer(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out))
     try:
         trainer.fit(module, datamodule=dm)
         final_ckpt = ckpt_dir / "final.ckpt"
         trainer.save_checkpoint(final_ckpt, weights_only=False)  # full state, resumable
+        state = full_model_state(trainer)  # a collective under expert parallelism: every rank takes part
         if not trainer.is_global_zero:
             return {}
-        accs = evaluate_tasks(module.model, dm.val_split)
+        model = MoETransformer(model_cfg, cfg.router)
+        model.load_state_dict(state)
+        model.to(trainer.strategy.root_device)
+        accs = evaluate_tasks(model, dm.val_split)
         mean = sum(accs.values()) / len(accs)
         logger.log_metrics(
             {**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean}, step=trainer.global_step
         )
-        weights = export_model(module.model, out / "export")
+        weights = export_model(model, out / "export")
         results = {
             "tasks": accs,
             "mean_accuracy": mean,
@@ -130,6 +149,13 @@ def run(cfg: TrainConfig) -> dict:
             import wandb
 
             wandb.finish()
+
+
+def full_model_state(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """The unsharded model's state dict (experts gathered by expert-parallel strategies), on every rank."""
+    state = trainer.strategy.lightning_module_state_dict()
+    n = len(LIGHTNING_PREFIX)
+    return {k[n:]: v.detach().cpu() for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
 
 
 def configure_threads() -> None:

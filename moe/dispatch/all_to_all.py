@@ -115,8 +115,9 @@ class _Exchange(torch.autograd.Function):
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    with torch.profiler.record_function("moe/all_to_all"):
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
 
 
@@ -153,7 +154,8 @@ class AllToAllDispatcher:
         x_SD, counts_E, inner = self.local.dispatch(x_TD, r)
         counts_PL = counts_E.to(torch.int64).reshape(P, L)
         recv_PL = torch.empty_like(counts_PL)
-        dist.all_to_all_single(recv_PL, counts_PL, group=group)  # recv_PL[j, e]: rank j's rows for my expert e
+        with torch.profiler.record_function("moe/all_to_all_counts"):
+            dist.all_to_all_single(recv_PL, counts_PL, group=group)  # recv_PL[j, e]: rank j's rows for my expert e
         send_splits = counts_PL.sum(1).tolist()
         recv_splits = recv_PL.sum(1).tolist()
         x_RD = exchange(x_SD, recv_splits, send_splits, group)  # grouped by source rank, then local expert

@@ -65,7 +65,8 @@ def expert_parallel(model: nn.Module, ep_size: int, groups: ExpertParallelGroups
     Call it on every rank with the same (unsharded, identically initialised) model, before the optimizer is built:
     an optimizer made earlier would hold the replaced expert tensors and silently never update the experts.
     ``groups``: made elsewhere (DeepSpeed's); by default ``make_groups(ep_size)`` creates them. Every forward of
-    the result is a collective: all ranks of the group must run it.
+    the result is a collective: all ranks must run it. ``ep_size=1`` shards nothing and only makes the routers'
+    counts global.
     """
     if not comm.is_initialized():
         raise RuntimeError("moe.parallel.expert_parallel: call torch.distributed.init_process_group first")
@@ -81,6 +82,11 @@ def expert_parallel(model: nn.Module, ep_size: int, groups: ExpertParallelGroups
                 f"{name}: model.num_experts={layer.num_experts} is not divisible by parallel.ep_size={ep_size}"
             )
     reduce = _count_reducer(groups)
+    for m in model.modules():
+        if hasattr(m, "reduce_counts"):  # routers
+            m.reduce_counts = reduce
+    if ep_size == 1:  # plain data parallelism: whole experts, reduced with the dense parameters
+        return model
     for _, layer in layers:
         E, L, i = layer.num_experts, layer.num_experts // ep_size, groups.ep_rank
         experts = layer.experts
@@ -92,9 +98,6 @@ def expert_parallel(model: nn.Module, ep_size: int, groups: ExpertParallelGroups
         experts.num_experts = L
         layer.dispatcher = AllToAllDispatcher(layer.dispatcher, groups, E)
         layer.ep_groups = groups
-    for m in model.modules():
-        if hasattr(m, "reduce_counts"):  # routers
-            m.reduce_counts = reduce
     return model
 
 
