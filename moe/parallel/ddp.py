@@ -55,7 +55,7 @@ class ExpertParallelDDPStrategy(DDPStrategy):
             names = [n for n, p in module.named_parameters() if is_expert_param(p)]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
         if self._expert_params() and trainer.gradient_clip_val:
-            if trainer.gradient_clip_algorithm == GradClipAlgorithmType.NORM:
+            if trainer.gradient_clip_algorithm in (None, GradClipAlgorithmType.NORM):  # None means norm
                 if str(trainer.precision) == "16-mixed":
                     raise ValueError("expert-parallel gradient clipping: use precision bf16-mixed or 32-true")
                 self._clip_norm = float(trainer.gradient_clip_val)

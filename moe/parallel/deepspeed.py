@@ -1,0 +1,245 @@
+"""Expert parallelism under DeepSpeed ZeRO-1/2 (and Lightning's DeepSpeedStrategy), applied from outside the model.
+
+DeepSpeed 0.19 treats a model as MoE only if some module is a ``deepspeed.moe.layer.MoE``; only then does ZeRO
+reduce expert gradients over the expert-data-parallel (EDP) groups (tagging the parameters is not enough: the
+first backward fails in ``stage_1_and_2.py::average_tensor``). ``deepspeed_expert_parallel(model, ep_size)``:
+
+1. creates DeepSpeed's EP/EDP groups (``deepspeed.utils.groups._create_expert_and_data_parallel``, the layout of
+   ``moe.dispatch.all_to_all``) and shards every sparse ``MoELayer`` on them (``moe.parallel.expert_parallel``);
+2. attaches to each sharded layer, as ``layer.ds_bridge``, a ``DeepSpeedMoEBridge``: a ``MoE`` subclass that owns
+   no parameters and answers what the engine reads (``num_experts``, ``num_local_experts``, ``ep_size``,
+   ``expert_group_name``, ``set_deepspeed_parallelism``, and ``state_dict()`` / ``_load_from_state_dict`` in
+   DeepSpeed's per-expert key format, so checkpoints get ``layer_{i}_expert_{j}_*`` files with every expert).
+
+Optimizer groups (``moe_param_groups``, or ``split_moe_groups`` on an optimizer made elsewhere) are split with
+DeepSpeed's helper and named uniquely (``decay``, ``no_decay``, ``decay/experts_ep_size_2``): DeepSpeed gives every
+expert group the name ``ep_size_N`` (#4448), which breaks per-group LR monitoring. ZeRO-1/2 looks a MoE group's
+EDP group up by the group's name (``stage_1_and_2.py``: ``expert_dp_process_group[group['name']]``), so each unique
+name is registered as an alias of ``ep_size_N`` in DeepSpeed's EDP group table.
+
+ZeRO-3 refuses ``MoE`` modules ("Native DeepSpeed MoE is not supported with ZeRO Stage 3"): there only
+``ep_size=1`` is accepted, and ``MoELayer`` is made a ZeRO-3 leaf module (``set_z3_leaf_modules``), so a rank whose
+experts get no tokens does not hang the parameter gathering.
+
+Gradient norm (measured, deepspeed 0.19.8, fp32 ZeRO-2, EP=2 on 2 gloo ranks): ``engine.get_global_grad_norm()``
+equals the single-process norm of the whole model and clipping matches ``clip_grad_norm_``
+(tests/test_deepspeed_ep.py); nothing is patched.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed import comm as ds_comm
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups as ds_groups
+from deepspeed.utils import set_z3_leaf_modules
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import nn
+
+from moe.dispatch.all_to_all import groups_from
+from moe.layers import MoELayer
+from moe.parallel import EXPERT_WEIGHTS, expert_parallel, is_expert_param, sharded_layers
+from moe.parallel.ds_checkpoint import BRIDGE, DS_EXPERTS, convert_deepspeed_checkpoint
+
+__all__ = [
+    "DeepSpeedMoEBridge",
+    "ExpertParallelDeepSpeedStrategy",
+    "convert_deepspeed_checkpoint",
+    "deepspeed_expert_parallel",
+    "moe_param_groups",
+    "split_moe_groups",
+]
+
+CPU_MESSAGE = (
+    "Lightning's DeepSpeedStrategy needs CUDA GPUs (this machine has none). On the CPU, train expert-parallel with "
+    "trainer=ddp and parallel.ep_size=N instead."
+)
+
+
+class DeepSpeedMoEBridge(MoE):
+    """What DeepSpeed's engine sees of one sharded ``MoELayer``. Owns no parameters and is never run.
+
+    ``state_dict()`` called on the bridge itself (as ``engine._save_moe_checkpoint`` does) returns this rank's
+    experts one by one, ``deepspeed_moe.experts.deepspeed_experts.<local j>.<w>`` -> ``w[j]``; nested inside the
+    model's ``state_dict()`` it adds nothing, so the model's names stay those of the unsharded model.
+    """
+
+    def __init__(self, layer: MoELayer):
+        nn.Module.__init__(self)  # not MoE.__init__: it would build DeepSpeed's own gate and experts
+        g = layer.ep_groups
+        self.num_experts, self.ep_size, self.num_local_experts = layer.num_experts, g.ep_size, layer.experts.num_experts
+        self.expert_group_name = g.group_name
+        self.use_residual = self.enable_expert_tensor_parallelism = False
+        self.__dict__["_layer"] = layer  # a plain reference: the layer owns the bridge, not the other way round
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the engine; the groups already exist (the experts were sharded on them)."""
+        if use_data_before_expert_parallel_:
+            raise ValueError("use_data_before_expert_parallel_: the experts were sharded on the E + D layout")
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"DeepSpeed group {self.expert_group_name} is gone; call deepspeed_expert_parallel")
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("DeepSpeedMoEBridge only describes its MoELayer to DeepSpeed; run the layer itself")
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if args or destination is not None:  # nested in the model's state_dict
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        experts = self._layer.experts
+        return {f"{prefix}{DS_EXPERTS}.{j}.{w}": getattr(experts, w)[j] if keep_vars else getattr(experts, w)[j].detach()
+                for j in range(self.num_local_experts) for w in EXPERT_WEIGHTS}  # fmt: skip
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        # engine.load_checkpoint adds the per-expert entries (local ids) to the module state: copy them into this
+        # rank's shard (the bridge is the layer's last child, so this runs after the shard's own key is loaded)
+        experts = self._layer.experts
+        with torch.no_grad():
+            for j in range(self.num_local_experts):
+                for w in EXPERT_WEIGHTS:
+                    key = f"{prefix}{DS_EXPERTS}.{j}.{w}"
+                    if key in state_dict:
+                        getattr(experts, w)[j].copy_(state_dict[key])
+
+
+def deepspeed_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int = 2) -> nn.Module:
+    """Shard ``model``'s sparse MoE layers over DeepSpeed's EP groups and bridge them; in place, returns ``model``.
+
+    Call after ``deepspeed.init_distributed`` and before any optimizer is built, on every rank. Idempotent for the
+    same ``ep_size``. Refused: ``ep_size > 1`` with ZeRO-3; a model already sharded at another ``ep_size``.
+    """
+    if not ds_comm.is_initialized():
+        raise RuntimeError("deepspeed_expert_parallel: call deepspeed.init_distributed first")
+    if zero_stage == 3:
+        if ep_size != 1:
+            raise ValueError(f"parallel.ep_size={ep_size}: DeepSpeed refuses MoE layers under ZeRO-3; use stage 1/2")
+        set_z3_leaf_modules(model, [MoELayer])
+        return model
+    done = sharded_layers(model)
+    if done:
+        if any(m.ep_groups.ep_size != ep_size for _, m in done):
+            raise ValueError(f"parallel.ep_size={ep_size}: the model is already sharded at another EP size")
+        return model
+    name = f"ep_size_{ep_size}"
+    if name not in ds_groups._get_expert_parallel_group_dict():
+        ds_groups._create_expert_and_data_parallel(ep_size)  # a collective: every rank, same order
+    groups = groups_from(ep_size, ds_groups._get_expert_parallel_group(name),
+                         ds_groups._get_expert_data_parallel_group(name))  # fmt: skip
+    expert_parallel(model, ep_size, groups=groups)
+    for _, layer in sharded_layers(model):
+        setattr(layer, BRIDGE, DeepSpeedMoEBridge(layer))
+    return model
+
+
+def split_moe_groups(param_groups: list[dict]) -> tuple[list[dict], list[int]]:
+    """Split optimizer param groups into dense and expert groups (DeepSpeed's helper), uniquely named.
+
+    A group keeps its ``name`` (default ``group{i}``); its expert parameters move to a group with the same
+    hyperparameters, ``moe: True`` and the name ``<name>/experts_ep_size_N``. Empty groups are dropped. Returns the
+    new groups and, for each, the index of the group it came from. Needs ``deepspeed_expert_parallel`` first.
+    """
+    groups = [{**g, "name": g.get("name", f"group{i}"), "_origin": i} for i, g in enumerate(param_groups)]
+    if len({g["name"] for g in groups}) != len(groups):
+        raise ValueError(f"param groups: names {[g['name'] for g in groups]} are not unique")
+    split = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    edp = ds_groups._get_expert_data_parallel_group_dict()
+    edp_ranks = ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS
+    seen: set[str] = set()
+    for g in split:
+        if g.get("moe"):
+            ep_name = g["name"]  # DeepSpeed names the expert group after the parameters' group_name
+            if ep_name not in edp:
+                raise RuntimeError(f"{ep_name}: no DeepSpeed expert group; call deepspeed_expert_parallel first")
+            base = f"{groups[g['_origin']]['name']}/experts_{ep_name}"
+            g["name"] = base if base not in seen else f"{base}/{sum(n.startswith(base) for n in seen)}"
+            edp[g["name"]], edp_ranks[g["name"]] = edp[ep_name], edp_ranks[ep_name]  # ZeRO looks up by name
+        seen.add(g["name"])
+    origin = [g.pop("_origin") for g in split]
+    return split, origin
+
+
+def moe_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW param groups of ``model``'s trainable parameters: ``decay`` (dim >= 2) / ``no_decay`` (weight_decay 0),
+    each split into dense and expert groups (``split_moe_groups``), e.g. ``decay``, ``no_decay``,
+    ``decay/experts_ep_size_2`` (experts are ``[E/ep, d, f]``: they decay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    return split_moe_groups(groups)[0]
+
+
+# LR scheduler attributes holding one entry per param group (torch.optim.lr_scheduler)
+_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs")
+
+
+def split_optimizer(optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+    """``split_moe_groups`` applied in place to an optimizer that has not stepped yet, and its scheduler's
+    per-group lists (``base_lrs``, ``lr_lambdas``, ...) remapped so every new group keeps its origin's schedule."""
+    if any(g.get("moe") for g in optimizer.param_groups):
+        return
+    if optimizer.state:
+        raise ValueError("split_optimizer: the optimizer has already stepped; split its groups before training")
+    n = len(optimizer.param_groups)
+    new, origin = split_moe_groups(optimizer.param_groups)
+    optimizer.param_groups[:] = new
+    for s in [scheduler, *getattr(scheduler, "_schedulers", [])] if scheduler is not None else []:
+        for attr in _PER_GROUP:
+            values = getattr(s, attr, None)
+            if isinstance(values, list) and len(values) == n:
+                setattr(s, attr, [values[i] for i in origin])
+
+
+def _require_cuda(accelerator=None) -> None:
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    if not torch.cuda.is_available() or (accelerator is not None and not isinstance(accelerator, CUDAAccelerator)):
+        raise RuntimeError(CPU_MESSAGE)
+
+
+class ExpertParallelDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy (ZeRO-1/2) with expert parallelism over ``ep_size`` ranks.
+
+    At ``setup`` (after the process groups exist, before ``configure_optimizers`` runs) the LightningModule's MoE
+    layers are sharded and bridged (``deepspeed_expert_parallel``); the optimizer from ``configure_optimizers`` is
+    then split into uniquely named dense / expert groups, its LR scheduler following (``split_optimizer``).
+    Refused before any work: a machine without CUDA (use ``trainer=ddp`` with ``parallel.ep_size``), a non-CUDA
+    accelerator, ``ep_size > 1`` with ZeRO-3.
+    """
+
+    strategy_name = "deepspeed_ep"
+
+    def __init__(self, ep_size: int = 1, **kwargs):
+        _require_cuda()
+        if ep_size < 1:
+            raise ValueError(f"parallel.ep_size={ep_size}: expected >= 1")
+        super().__init__(**kwargs)
+        self.ep_size = ep_size
+
+    def setup_environment(self) -> None:
+        _require_cuda(self.accelerator)
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        stage = (self.config.get("zero_optimization") or {}).get("stage", 0)
+        deepspeed_expert_parallel(self.lightning_module, self.ep_size, zero_stage=stage)
+        super().setup(trainer)
+
+    def _init_optimizers(self):
+        optimizer, scheduler_config = super()._init_optimizers()
+        if sharded_layers(self.lightning_module):
+            split_optimizer(optimizer, scheduler_config.scheduler if scheduler_config is not None else None)
+        return optimizer, scheduler_config
+
+
+def is_bridged(model: nn.Module) -> bool:
+    """Whether DeepSpeed will see ``model`` as an MoE model (every expert parameter's layer is bridged)."""
+    return any(is_expert_param(p) for p in model.parameters()) and all(
+        isinstance(getattr(m, BRIDGE, None), DeepSpeedMoEBridge) for _, m in sharded_layers(model)
+    )
+
+
+if __name__ == "__main__":
+    from moe.parallel.ds_checkpoint import main
+
+    main()

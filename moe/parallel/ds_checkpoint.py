@@ -1,0 +1,109 @@
+"""DeepSpeed expert-parallel checkpoint directory -> single-file export (``model.safetensors`` + ``config.json``).
+
+What ``engine.save_checkpoint(dir, tag)`` writes for a model prepared by ``moe.parallel.deepspeed`` (ZeRO-1/2),
+and what is read from it::
+
+    dir/latest                                         the tag (absent when saved with save_latest=False)
+    dir/<tag>/mp_rank_00_model_states.pt               "module": every dense weight, plus rank 0's expert shard
+                                                       (ignored); the client state (Lightning: "hyper_parameters")
+    dir/<tag>/layer_{i}_expert_{j}_mp_rank_00_model_states.pt
+                                                       MoE layer i, global expert j: {"<layer>.ds_bridge.deepspeed_moe
+                                                       .experts.deepspeed_experts.<j>.<w>": [d, f] or [f, d]}
+    dir/<tag>/*optim_states.pt                         optimizer partitions (not read)
+
+The per-expert files are stacked back to ``<layer>.experts.<w>`` ``[E, ...]`` under the names of the unsharded
+``MoETransformer.state_dict()``. Every file is read with ``torch.load(weights_only=True)``: no pickle is executed.
+The weights are the module's own, in the training dtype (fp32 master copies of bf16/fp16 runs are not read).
+ZeRO-3 directories (``*_model_states.pt`` without weights) are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from moe.config import ModelConfig, RouterConfig
+from moe.export import LIGHTNING_PREFIX, Checkpoint, _from_dict, export_model, load_weights_into
+from moe.model import MoETransformer
+
+BRIDGE = "ds_bridge"  # attribute of a sharded MoELayer holding its DeepSpeed bridge
+DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts"  # DeepSpeed's per-expert key infix (engine.py)
+MAIN_FILE = "mp_rank_00_model_states.pt"
+_EXPERT_KEY = re.compile(rf"(.*)\.{BRIDGE}\.{re.escape(DS_EXPERTS)}\.(\d+)\.(w_gate|w_up|w_down)")
+
+
+def _tag_dir(checkpoint_dir: Path) -> Path:
+    """``checkpoint_dir`` itself, ``checkpoint_dir/<latest>``, or its only tag folder (Lightning: "checkpoint")."""
+    if (checkpoint_dir / MAIN_FILE).exists():
+        return checkpoint_dir
+    latest = checkpoint_dir / "latest"
+    if latest.exists():
+        return checkpoint_dir / latest.read_text().strip()
+    tags = [d for d in checkpoint_dir.iterdir() if (d / MAIN_FILE).exists()] if checkpoint_dir.is_dir() else []
+    if len(tags) != 1:
+        raise FileNotFoundError(
+            f"{checkpoint_dir}: expected a DeepSpeed checkpoint (a '{MAIN_FILE}' in it, a 'latest' file or one tag "
+            f"folder); found tag folders {sorted(d.name for d in tags)}"
+        )
+    return tags[0]
+
+
+def read_deepspeed_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full, unsharded weights (names as saved, e.g. with Lightning's ``model.`` prefix) and the main file's
+    other entries (client state included)."""
+    tag = _tag_dir(Path(checkpoint_dir))
+    main = torch.load(tag / MAIN_FILE, map_location="cpu", weights_only=True)
+    state = dict(main.get("module") or {})
+    if not state:
+        raise ValueError(f"{tag / MAIN_FILE}: no module weights (a ZeRO-3 checkpoint? only ZeRO-1/2 is supported)")
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for path in sorted(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        for key, t in torch.load(path, map_location="cpu", weights_only=True).items():
+            m = _EXPERT_KEY.fullmatch(key)
+            if m is None:
+                raise ValueError(f"{path}: unexpected key {key!r} (not written by moe.parallel.deepspeed)")
+            experts.setdefault((m[1], m[3]), {})[int(m[2])] = t
+    for (layer, w), by_id in experts.items():
+        if sorted(by_id) != list(range(len(by_id))):
+            raise ValueError(f"{tag}: {layer}.experts.{w}: expert files {sorted(by_id)} are not 0..E-1")
+        key = f"{layer}.experts.{w}"
+        if key not in state:
+            raise ValueError(f"{tag}: {key} has expert files but is not a weight of the saved module")
+        state[key] = torch.stack([by_id[e] for e in range(len(by_id))])  # replaces rank 0's shard
+    return state, {k: v for k, v in main.items() if k != "module"}
+
+
+def convert_deepspeed_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path,
+                                 config: tuple[ModelConfig, RouterConfig] | None = None) -> Path:  # fmt: skip
+    """Write ``out_dir/model.safetensors`` + ``config.json`` (``moe.export`` format) from a DeepSpeed checkpoint
+    directory; returns the weights path. The architecture comes from the Lightning client state
+    (``hyper_parameters.model/router``) when saved, else from ``config``; without either it is refused, as is
+    a weight set that does not fit the architecture exactly (names and shapes)."""
+    state, extra = read_deepspeed_checkpoint(checkpoint_dir)
+    hparams = extra.get("hyper_parameters") or {}
+    if "model" in hparams and "router" in hparams:
+        where = f"{checkpoint_dir}:hyper_parameters"
+        config = (_from_dict(ModelConfig, hparams["model"], f"{where}.model"),
+                  _from_dict(RouterConfig, hparams["router"], f"{where}.router"))  # fmt: skip
+    if config is None:
+        raise ValueError(f"{checkpoint_dir}: no hyper_parameters in the checkpoint; pass config=(ModelConfig, RouterConfig)")
+    if hparams or all(k.startswith(LIGHTNING_PREFIX) for k in state):  # a LightningModule: keep its .model
+        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+    model = MoETransformer(*config)
+    load_weights_into(model, Checkpoint(Path(checkpoint_dir), state, config[0]))
+    return export_model(model, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=convert_deepspeed_checkpoint.__doc__.split(";")[0])
+    p.add_argument("checkpoint_dir", help="DeepSpeed checkpoint directory (Lightning: the .ckpt directory)")
+    p.add_argument("out_dir", help="where model.safetensors and config.json go")
+    args = p.parse_args(argv)
+    print(convert_deepspeed_checkpoint(args.checkpoint_dir, args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""DeepSpeed ZeRO-2 with expert parallelism (EP=2) on 2 gloo processes on the CPU (``DS_ACCELERATOR=cpu``).
+
+One engine run checks, against a plain-PyTorch single-process model on the whole batch (each rank gets half):
+two AdamW steps with the aux and z losses on and gradient clipping that clips give the same full weights
+(atol 1e-6), the engine's gradient norm is the single-process norm, the optimizer groups are uniquely named and
+the expert groups marked ``moe``, and ``save_checkpoint`` + ``convert_deepspeed_checkpoint`` give exactly the full
+unsharded weights. Lightning's strategy needs CUDA: on the CPU it must refuse, pointing to ``trainer=ddp``.
+"""
+
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe.config import ModelConfig, RouterConfig
+from moe.model import MoETransformer
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+CFG = ModelConfig(vocab_size=11, max_seq_len=8, d_model=16, n_layer=2, n_head=2, num_experts=4, d_ff=8)
+ROUTER = RouterConfig(k=2, aux_loss_coef=0.1, z_loss_coef=0.01)
+LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-3, 0.1  # eps ~ |grad|: the update depends on the clipped scale
+CLIP_RATIO = 0.5  # clip at half the first step's norm: the threshold always clips
+
+
+def _loss(model, tokens):
+    logits, routings = model(tokens[:, :-1])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    aux = torch.stack([r.aux_loss for r in routings]).sum()
+    z = torch.stack([r.z_loss for r in routings]).sum()
+    return ce + ROUTER.aux_loss_coef * aux + ROUTER.z_loss_coef * z
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, CFG.vocab_size, (4, CFG.max_seq_len), generator=g) for _ in range(2)]
+
+
+def _groups(model):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _reference():
+    """Single process, whole batch: the weights after each step and the (unclipped) total gradient norms."""
+    torch.manual_seed(0)
+    model = MoETransformer(CFG, ROUTER)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(_groups(model), lr=LR, betas=BETAS, eps=EPS)
+    clip, norms = None, []
+    for tokens in _batches():
+        opt.zero_grad()
+        _loss(model, tokens).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        clip = clip or CLIP_RATIO * norm.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norms.append(norm.item())
+        opt.step()
+    return init, model.state_dict(), norms, clip
+
+
+def _engine_case(rank, world, tmp):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    assert get_accelerator().device_name() == "cpu"
+    from moe.export import load_model
+    from moe.parallel import gather_state_dict
+    from moe.parallel.deepspeed import convert_deepspeed_checkpoint, deepspeed_expert_parallel, moe_param_groups
+
+    deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group tests.distributed made
+    init, ref_state, ref_norms, clip = _reference()
+    model = MoETransformer(CFG, ROUTER)
+    model.load_state_dict(init)
+    deepspeed_expert_parallel(model, ep_size=world)
+    opt = torch.optim.AdamW(moe_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+
+    names = [g["name"] for g in ds_opt.param_groups]
+    assert names == ["decay", "no_decay", "decay/experts_ep_size_2"], names
+    assert [bool(g.get("moe")) for g in ds_opt.param_groups] == [False, False, True]
+
+    norms = []
+    for tokens in _batches():
+        loss = _loss(engine, tokens[2 * rank : 2 * rank + 2])
+        engine.backward(loss)
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    full = gather_state_dict(model)
+    diff = max((full[k] - ref_state[k]).abs().max().item() for k in ref_state)
+    print(f"rank {rank}: DS grad norms {norms} single-process {ref_norms} clip {clip:.4f} max weight diff {diff:.2e}")
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), atol=1e-5, rtol=1e-5)
+    for k in ref_state:
+        torch.testing.assert_close(full[k], ref_state[k], atol=1e-6, rtol=0, msg=k)
+
+    hparams = {"model": asdict(CFG), "router": asdict(ROUTER)}
+    engine.save_checkpoint(tmp, tag="checkpoint", client_state={"hyper_parameters": hparams})
+    if rank == 0:
+        out = os.path.join(tmp, "export")
+        convert_deepspeed_checkpoint(tmp, out)
+        exported = load_model(out).state_dict()
+        assert sorted(exported) == sorted(full)
+        assert all(torch.equal(exported[k], full[k]) for k in full)
+
+
+def test_deepspeed_zero2_expert_parallel_matches_single_process(tmp_path):
+    run_distributed(_engine_case, 2, str(tmp_path))
