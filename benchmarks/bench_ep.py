@@ -515,15 +515,20 @@ def main() -> None:
 
     print({"machine": f"{platform.processor() or platform.machine()}, nproc {os.cpu_count()}",
            "torch": torch.__version__, "python": platform.python_version(),
-           "threads": f"EP=1: 1 process x {args.cores}; EP=2: 2 processes x {args.cores // 2}"})  # fmt: skip
+           "threads": f"EP=1: 1 process x {args.cores}; EP=2: 2 processes x {args.cores // 2}",
+           "load average (1 min) before": os.getloadavg()[0]})  # fmt: skip
     runs: dict[int, list[list[dict]]] = {1: [], 2: []}
     for i in range(args.rounds):
         for world in (1, 2):
             t0 = time.perf_counter()
             runs[world].append(launch(world, args))
-            print(f"round {i + 1}/{args.rounds} EP={world}: {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"round {i + 1}/{args.rounds} EP={world}: {time.perf_counter() - t0:.1f} s, "
+                  f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     ep1, ep2 = summarize(runs[1]), summarize(runs[2])
     exchanges = [r["exchanges"] for r in runs[2][0]]
+    for layer0, layer1 in zip(*exchanges):  # what rank 0 sends to rank 1 is what rank 1 receives from rank 0
+        if layer0["send_to"][1] != layer1["recv_from"][0] or layer1["send_to"][0] != layer0["recv_from"][1]:
+            raise RuntimeError(f"layer {layer0['layer']}: the ranks disagree on the rows they exchange")
     rf_us = statistics.median(r[0]["record_function_us"] for r in runs[1])
     print_report(args, ep1, ep2, exchanges, rf_us)
     if args.json:

@@ -73,6 +73,9 @@ def _engine_case(rank, world, tmp):
     from moe.parallel import gather_state_dict
     from moe.parallel.deepspeed import convert_deepspeed_checkpoint, deepspeed_expert_parallel, moe_param_groups
 
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~80 s on 2 cores, once) that only
+    # inference_all_reduce uses; training never calls it
+    deepspeed.comm.torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group tests.distributed made
     init, ref_state, ref_norms, clip = _reference()
     model = MoETransformer(CFG, ROUTER)

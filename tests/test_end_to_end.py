@@ -135,3 +135,22 @@ def test_merge_cli(tmp_path):
     )
     merged = load_model(out)
     assert merged.cfg == load_model(tmp_path / "base" / "export").cfg
+
+
+@pytest.mark.distributed
+def test_train_cli_ddp_expert_parallel_exports_what_it_reports(tmp_path):
+    """`python train.py trainer=ddp trainer.devices=2 parallel.ep_size=2` on 2 gloo processes: one export of the
+    full model, written by rank 0, whose EP=1 evaluation is the accuracy results.json reports."""
+    common = ["experiment=smoke", "trainer.max_steps=40", "data.train_per_task=512", "optim.lr=0.01"]
+    cli("train.py", *common, "trainer=ddp", "trainer.devices=2", "parallel.ep_size=2", f"hydra.run.dir={tmp_path}",
+        timeout=180)  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    model = load_model(tmp_path / "export")  # one process, unsharded
+    assert model.blocks[0].moe.experts.w_gate.shape[0] == 4
+    _, val = build_splits(DataConfig(train_per_task=512, val_per_task=32))
+    got = {t: m["accuracy"] for t, m in task_metrics(model, val).items()}
+    assert got == pytest.approx(results["tasks"], abs=1e-9)
+    assert results["mean_accuracy"] > 0  # non-zero accuracies, so the equality above compares something
+    ckpt = torch.load(results["checkpoint"], weights_only=True)
+    assert ckpt["state_dict"]["model.blocks.0.moe.experts.w_gate"].shape[0] == 4  # full experts in the checkpoint
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]

@@ -90,9 +90,9 @@ def convert_deepspeed_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path
                   _from_dict(RouterConfig, hparams["router"], f"{where}.router"))  # fmt: skip
     if config is None:
         raise ValueError(f"{checkpoint_dir}: no hyper_parameters in the checkpoint; pass config=(ModelConfig, RouterConfig)")
-    if hparams or all(k.startswith(LIGHTNING_PREFIX) for k in state):  # a LightningModule: keep its .model
-        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
     model = MoETransformer(*config)
+    if not set(model.state_dict()) & set(state):  # a LightningModule's: keep its .model
+        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
     load_weights_into(model, Checkpoint(Path(checkpoint_dir), state, config[0]))
     return export_model(model, out_dir)
 
