@@ -37,6 +37,7 @@ __all__ = [
     "expert_params",
     "gather_state_dict",
     "is_expert_param",
+    "layout",
     "make_groups",
     "shard_state_dict",
     "sharded_layers",
@@ -57,6 +58,23 @@ def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def sharded_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     """The sparse MoE layers that ``expert_parallel`` sharded, with their module names."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer) and hasattr(m, "ep_groups")]
+
+
+def layout(world_size: int, ep_size: int) -> list[dict[str, object]]:
+    """Where every rank sits: ``{"rank", "ep_group", "ep_rank", "edp_group", "experts"}`` per rank, for
+    ``E``-agnostic display (``experts`` is the slice index ``i`` of ``i*E/ep .. (i+1)*E/ep - 1``)."""
+    if ep_size < 1 or world_size % ep_size:
+        raise ValueError(f"parallel.ep_size={ep_size}: expected a divisor of the world size ({world_size})")
+    return [
+        {
+            "rank": r,
+            "ep_group": list(range(r - r % ep_size, r - r % ep_size + ep_size)),
+            "ep_rank": r % ep_size,
+            "edp_group": list(range(r % ep_size, world_size, ep_size)),
+            "experts": r % ep_size,
+        }
+        for r in range(world_size)
+    ]
 
 
 def expert_parallel(model: nn.Module, ep_size: int, groups: ExpertParallelGroups | None = None) -> nn.Module:

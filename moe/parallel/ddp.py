@@ -23,11 +23,18 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
 from moe.dispatch.all_to_all import all_gather_dim0, global_grad_norm, make_groups, reduce_expert_grads
-from moe.parallel import expert_parallel, gather_state_dict, is_expert_param, shard_state_dict, sharded_layers
+from moe.parallel import (
+    expert_parallel,
+    gather_state_dict,
+    is_expert_param,
+    layout,
+    shard_state_dict,
+    sharded_layers,
+)
 
 
 class ExpertParallelDDPStrategy(DDPStrategy):
@@ -54,6 +61,7 @@ class ExpertParallelDDPStrategy(DDPStrategy):
             expert_parallel(module, self.ep_size, self.ep_groups)
             names = [n for n, p in module.named_parameters() if is_expert_param(p)]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+            rank_zero_info(describe_layout(self.world_size, self.ep_size))
         if self._expert_params() and trainer.gradient_clip_val:
             if trainer.gradient_clip_algorithm in (None, GradClipAlgorithmType.NORM):  # None means norm
                 if str(trainer.precision) == "16-mixed":
@@ -134,3 +142,13 @@ class ExpertParallelDDPStrategy(DDPStrategy):
                     f"the optimizer does not hold the sharded expert parameters {missing[:3]}...: build it in "
                     "configure_optimizers from self.parameters(), not before the strategy's setup"
                 )
+
+
+def describe_layout(world_size: int, ep_size: int) -> str:
+    """One line per rank: its EP group, its expert slice, its expert-data-parallel group."""
+    rows = [
+        f"  rank {r['rank']}: EP group {r['ep_group']} (index {r['ep_rank']}, expert slice {r['experts']} of "
+        f"{ep_size}), EDP group {r['edp_group']}, DP group: all {world_size} ranks"
+        for r in layout(world_size, ep_size)
+    ]
+    return f"expert parallelism: world {world_size}, ep_size {ep_size}\n" + "\n".join(rows)
