@@ -158,6 +158,12 @@ def full_model_state(trainer: L.Trainer) -> dict[str, torch.Tensor]:
     return {k[n:]: v.detach().cpu() for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
 
 
+def adopt_launcher_env() -> None:
+    """DeepSpeed's launcher passes the node rank as CROSS_RANK; Lightning reads NODE_RANK."""
+    if "CROSS_RANK" in os.environ and "NODE_RANK" not in os.environ:
+        os.environ["NODE_RANK"] = os.environ["CROSS_RANK"]
+
+
 def configure_threads() -> None:
     """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:

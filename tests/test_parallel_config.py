@@ -49,3 +49,17 @@ def test_layout_matches_deepspeeds_groups_world_8_ep_4():
     assert rows[0]["edp_group"] == [0, 4]
     with pytest.raises(ValueError, match="divisor"):
         layout(6, 4)
+
+
+def test_slurm_launcher_follows_the_trainer_shape():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    overrides = ["output_dir=/tmp/x", "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
+                 "trainer.devices=4", "parallel.ep_size=4"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
