@@ -102,3 +102,25 @@ def _model_case(rank, world):
 
 def test_sharded_transformer_logits_and_expert_grads():
     run_distributed(_model_case, 2)
+
+
+def _bias_case(rank, world):
+    from moe.gating import update_expert_bias
+    from moe.parallel import expert_parallel
+
+    torch.manual_seed(0)
+    cfg = RouterConfig(k=2, bias_update_rate=0.1, score="sigmoid", init_std=1.0)
+    layer = expert_parallel(MoELayer(D, F, 4, cfg), ep_size=1)  # plain data parallelism: counts still global
+    xs = [torch.randn(n, D, generator=torch.Generator().manual_seed(s)) for n, s in ((9, 1), (5, 2))]
+    layer.eval()  # no bias bookkeeping while the expected loads are counted
+    total = sum(torch.bincount(layer.router(x).ids.reshape(-1), minlength=4) for x in xs)
+    layer.train()
+    _, r = layer(xs[rank])
+    assert torch.equal(r.load, total) and not torch.equal(r.counts, total)
+    assert torch.equal(layer.router.pending_counts, total.float())
+    layer.router.update_bias()  # the sign rule on the global load: the same bias on every rank
+    torch.testing.assert_close(layer.router.expert_bias, update_expert_bias(torch.zeros(4), total.float(), 0.1))
+
+
+def test_aux_free_bias_and_load_use_counts_summed_over_ranks():
+    run_distributed(_bias_case, 2)
