@@ -2,11 +2,14 @@
 
 One engine run checks, against a plain-PyTorch single-process model on the whole batch (each rank gets half):
 two AdamW steps with the aux and z losses on and gradient clipping that clips give the same full weights
-(atol 1e-6), the engine's gradient norm is the single-process norm, the optimizer groups are uniquely named and
-the expert groups marked ``moe``, and ``save_checkpoint`` + ``convert_deepspeed_checkpoint`` give exactly the full
-unsharded weights. Lightning's strategy needs CUDA: on the CPU it must refuse, pointing to ``trainer=ddp``.
+(atol 1e-6), and the engine's gradient norm is the single-process norm; the optimizer groups are uniquely named
+with the expert group marked ``moe``; ``save_checkpoint`` + ``convert_deepspeed_checkpoint`` give exactly the full
+unsharded weights, and ``load_checkpoint`` gives each rank its shard back; ``configure_optimizers``' optimizer split
+afterwards keeps its LR schedule on every group. Lightning's strategy needs CUDA: on the CPU it refuses, pointing
+to ``trainer=ddp``.
 """
 
+import importlib
 import os
 from dataclasses import asdict
 
@@ -63,47 +66,69 @@ def _reference():
     return init, model.state_dict(), norms, clip
 
 
-def _engine_case(rank, world, tmp):
-    os.environ["DS_ACCELERATOR"] = "cpu"
+def _deepspeed_on_cpu():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed is first imported
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator, set_accelerator
 
-    assert get_accelerator().device_name() == "cpu"
-    from moe.export import load_model
-    from moe.parallel import gather_state_dict
-    from moe.parallel.deepspeed import convert_deepspeed_checkpoint, deepspeed_expert_parallel, moe_param_groups
+    if get_accelerator().device_name() != "cpu":  # imported earlier in the parent, on a machine with a GPU
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
+        set_accelerator(CPU_Accelerator())
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~80 s on 2 cores, once) that only
     # inference_all_reduce uses; training never calls it
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group tests.distributed made
+    return deepspeed
+
+
+def _engine_case(rank, world, tmp):
+    deepspeed = _deepspeed_on_cpu()
+    from moe.config import OptimConfig
+    from moe.export import load_model
+    from moe.lightning import MoELitModule
+    from moe.parallel import gather_state_dict
+    from moe.parallel.deepspeed import (
+        convert_deepspeed_checkpoint,
+        deepspeed_expert_parallel,
+        moe_param_groups,
+        split_optimizer,
+    )
+
     init, ref_state, ref_norms, clip = _reference()
     model = MoETransformer(CFG, ROUTER)
     model.load_state_dict(init)
     deepspeed_expert_parallel(model, ep_size=world)
     opt = torch.optim.AdamW(moe_param_groups(model, WD), lr=LR, betas=BETAS, eps=EPS)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
-              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
     engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-
+    assert engine.has_moe_layers and engine.num_experts == [CFG.num_experts] * CFG.n_layer
     names = [g["name"] for g in ds_opt.param_groups]
     assert names == ["decay", "no_decay", "decay/experts_ep_size_2"], names
     assert [bool(g.get("moe")) for g in ds_opt.param_groups] == [False, False, True]
 
     norms = []
     for tokens in _batches():
-        loss = _loss(engine, tokens[2 * rank : 2 * rank + 2])
-        engine.backward(loss)
+        engine.backward(_loss(engine, tokens[2 * rank : 2 * rank + 2]))  # half of the batch each
         engine.step()
         norms.append(float(engine.get_global_grad_norm()))
     full = gather_state_dict(model)
+    assert sorted(full) == sorted(ref_state)
     diff = max((full[k] - ref_state[k]).abs().max().item() for k in ref_state)
-    print(f"rank {rank}: DS grad norms {norms} single-process {ref_norms} clip {clip:.4f} max weight diff {diff:.2e}")
+    print(f"rank {rank}: grad norms DeepSpeed {norms}, single process {ref_norms}; max weight diff {diff:.2e}")
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), atol=1e-5, rtol=1e-5)
     for k in ref_state:
         torch.testing.assert_close(full[k], ref_state[k], atol=1e-6, rtol=0, msg=k)
 
-    hparams = {"model": asdict(CFG), "router": asdict(ROUTER)}
+    # checkpoint: every expert reaches the export, and engine.load_checkpoint puts each rank's shard back
+    hparams = {"model": asdict(CFG), "router": asdict(ROUTER)}  # what Lightning saves as client state
     engine.save_checkpoint(tmp, tag="checkpoint", client_state={"hyper_parameters": hparams})
     if rank == 0:
         out = os.path.join(tmp, "export")
@@ -111,7 +136,38 @@ def _engine_case(rank, world, tmp):
         exported = load_model(out).state_dict()
         assert sorted(exported) == sorted(full)
         assert all(torch.equal(exported[k], full[k]) for k in full)
+    fresh = deepspeed_expert_parallel(MoETransformer(CFG, ROUTER), ep_size=world)
+    fresh_opt = torch.optim.AdamW(moe_param_groups(fresh, WD), lr=LR)
+    fresh_engine, *_ = deepspeed.initialize(model=fresh, optimizer=fresh_opt, config=config)
+    fresh_engine.load_checkpoint(tmp, tag="checkpoint", load_module_only=True)
+    loaded = gather_state_dict(fresh)
+    assert all(torch.equal(loaded[k], full[k]) for k in full)
+
+    # what ExpertParallelDeepSpeedStrategy does with configure_optimizers' optimizer: split it, LR schedule kept
+    lit = MoELitModule(CFG, ROUTER, OptimConfig(lr=LR, weight_decay=WD, warmup_steps=4), max_steps=10)
+    deepspeed_expert_parallel(lit, ep_size=world)
+    conf = lit.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    split_optimizer(opt, sched)
+    assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay", "decay/experts_ep_size_2"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [WD, 0.0, WD]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(lit.parameters()))
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [LR * 2 / 4] * 3  # warmup step 1 of 4, on every group
 
 
 def test_deepspeed_zero2_expert_parallel_matches_single_process(tmp_path):
     run_distributed(_engine_case, 2, str(tmp_path))
+
+
+def test_strategy_refuses_without_cuda_and_ep_under_zero3(monkeypatch):
+    import lightning as L
+
+    from moe.parallel.deepspeed import ExpertParallelDeepSpeedStrategy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs CUDA.*trainer=ddp.*parallel\.ep_size"):
+        L.Trainer(strategy=ExpertParallelDeepSpeedStrategy(ep_size=2, stage=2), max_steps=1, logger=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the refusal comes before any device is used
+    with pytest.raises(ValueError, match=r"ep_size=2: DeepSpeed refuses MoE layers under ZeRO-3"):
+        ExpertParallelDeepSpeedStrategy(ep_size=2, stage=3)

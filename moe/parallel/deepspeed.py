@@ -11,19 +11,22 @@ first backward fails in ``stage_1_and_2.py::average_tensor``). ``deepspeed_exper
    ``expert_group_name``, ``set_deepspeed_parallelism``, and ``state_dict()`` / ``_load_from_state_dict`` in
    DeepSpeed's per-expert key format, so checkpoints get ``layer_{i}_expert_{j}_*`` files with every expert).
 
-Optimizer groups (``moe_param_groups``, or ``split_moe_groups`` on an optimizer made elsewhere) are split with
+Optimizer groups (``moe_param_groups``, or ``split_optimizer`` on an optimizer made elsewhere) are split with
 DeepSpeed's helper and named uniquely (``decay``, ``no_decay``, ``decay/experts_ep_size_2``): DeepSpeed gives every
 expert group the name ``ep_size_N`` (#4448), which breaks per-group LR monitoring. ZeRO-1/2 looks a MoE group's
 EDP group up by the group's name (``stage_1_and_2.py``: ``expert_dp_process_group[group['name']]``), so each unique
 name is registered as an alias of ``ep_size_N`` in DeepSpeed's EDP group table.
 
-ZeRO-3 refuses ``MoE`` modules ("Native DeepSpeed MoE is not supported with ZeRO Stage 3"): there only
-``ep_size=1`` is accepted, and ``MoELayer`` is made a ZeRO-3 leaf module (``set_z3_leaf_modules``), so a rank whose
-experts get no tokens does not hang the parameter gathering.
+``ep_size=1`` shards nothing (whole experts, reduced like dense weights; no bridge) and only makes the routers'
+counts global. ZeRO-3 refuses ``MoE`` modules ("Native DeepSpeed MoE is not supported with ZeRO Stage 3"): there
+only ``ep_size=1`` is accepted, and ``MoELayer`` is made a ZeRO-3 leaf module (``set_z3_leaf_modules``), so a rank
+whose experts get no tokens does not hang the parameter gathering.
 
-Gradient norm (measured, deepspeed 0.19.8, fp32 ZeRO-2, EP=2 on 2 gloo ranks): ``engine.get_global_grad_norm()``
-equals the single-process norm of the whole model and clipping matches ``clip_grad_norm_``
-(tests/test_deepspeed_ep.py); nothing is patched.
+Gradient norm: DeepSpeed had EP bugs (#5259 bf16, #8475 fp32). With deepspeed 0.19.8, fp32 ZeRO-2, EP=2 on 2 gloo
+ranks, ``engine.get_global_grad_norm()`` is the single-process norm of the whole model (1.2422525 vs 1.2422525,
+1.9972292 vs 1.9972289; counting only a rank's own experts would give 1.2390/1.2396) and clipping matches
+``clip_grad_norm_`` (tests/test_deepspeed_ep.py), so nothing is patched. bf16 ZeRO-1/2 gives 1.2489 and 2.0168 on
+both ranks (bf16 rounding; not tested).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch import nn
 
 from moe.dispatch.all_to_all import groups_from
 from moe.layers import MoELayer
-from moe.parallel import EXPERT_WEIGHTS, expert_parallel, is_expert_param, sharded_layers
+from moe.parallel import EXPERT_WEIGHTS, expert_parallel, gather_state_dict, sharded_layers
 from moe.parallel.ds_checkpoint import BRIDGE, DS_EXPERTS, convert_deepspeed_checkpoint
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "deepspeed_expert_parallel",
     "moe_param_groups",
     "split_moe_groups",
+    "split_optimizer",
 ]
 
 CPU_MESSAGE = (
@@ -86,9 +90,12 @@ class DeepSpeedMoEBridge(MoE):
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         if args or destination is not None:  # nested in the model's state_dict
             return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        experts = self._layer.experts
-        return {f"{prefix}{DS_EXPERTS}.{j}.{w}": getattr(experts, w)[j] if keep_vars else getattr(experts, w)[j].detach()
-                for j in range(self.num_local_experts) for w in EXPERT_WEIGHTS}  # fmt: skip
+        weights = {w: getattr(self._layer.experts, w) for w in EXPERT_WEIGHTS}
+        if not keep_vars:
+            weights = {w: t.detach() for w, t in weights.items()}
+        return {
+            f"{prefix}{DS_EXPERTS}.{j}.{w}": t[j] for j in range(self.num_local_experts) for w, t in weights.items()
+        }
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
@@ -111,11 +118,9 @@ def deepspeed_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int = 
     """
     if not ds_comm.is_initialized():
         raise RuntimeError("deepspeed_expert_parallel: call deepspeed.init_distributed first")
+    _check_stage(ep_size, zero_stage)
     if zero_stage == 3:
-        if ep_size != 1:
-            raise ValueError(f"parallel.ep_size={ep_size}: DeepSpeed refuses MoE layers under ZeRO-3; use stage 1/2")
         set_z3_leaf_modules(model, [MoELayer])
-        return model
     done = sharded_layers(model)
     if done:
         if any(m.ep_groups.ep_size != ep_size for _, m in done):
@@ -132,6 +137,11 @@ def deepspeed_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int = 
     return model
 
 
+def _check_stage(ep_size: int, zero_stage: int) -> None:
+    if ep_size > 1 and zero_stage == 3:
+        raise ValueError(f"parallel.ep_size={ep_size}: DeepSpeed refuses MoE layers under ZeRO-3; use stage 1 or 2")
+
+
 def split_moe_groups(param_groups: list[dict]) -> tuple[list[dict], list[int]]:
     """Split optimizer param groups into dense and expert groups (DeepSpeed's helper), uniquely named.
 
@@ -145,16 +155,16 @@ def split_moe_groups(param_groups: list[dict]) -> tuple[list[dict], list[int]]:
     split = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
     edp = ds_groups._get_expert_data_parallel_group_dict()
     edp_ranks = ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS
-    seen: set[str] = set()
+    chunks: dict[str, int] = {}  # DeepSpeed cuts an expert group above ~179M parameters into several
     for g in split:
         if g.get("moe"):
             ep_name = g["name"]  # DeepSpeed names the expert group after the parameters' group_name
             if ep_name not in edp:
                 raise RuntimeError(f"{ep_name}: no DeepSpeed expert group; call deepspeed_expert_parallel first")
             base = f"{groups[g['_origin']]['name']}/experts_{ep_name}"
-            g["name"] = base if base not in seen else f"{base}/{sum(n.startswith(base) for n in seen)}"
+            chunks[base] = chunks.get(base, -1) + 1
+            g["name"] = f"{base}/{chunks[base]}" if chunks[base] else base
             edp[g["name"]], edp_ranks[g["name"]] = edp[ep_name], edp_ranks[ep_name]  # ZeRO looks up by name
-        seen.add(g["name"])
     origin = [g.pop("_origin") for g in split]
     return split, origin
 
@@ -215,28 +225,29 @@ class ExpertParallelDeepSpeedStrategy(DeepSpeedStrategy):
             raise ValueError(f"parallel.ep_size={ep_size}: expected >= 1")
         super().__init__(**kwargs)
         self.ep_size = ep_size
+        _check_stage(ep_size, self._zero_stage())
+
+    def _zero_stage(self) -> int:
+        return (self.config.get("zero_optimization") or {}).get("stage", 0)
 
     def setup_environment(self) -> None:
         _require_cuda(self.accelerator)
         super().setup_environment()
 
     def setup(self, trainer) -> None:
-        stage = (self.config.get("zero_optimization") or {}).get("stage", 0)
-        deepspeed_expert_parallel(self.lightning_module, self.ep_size, zero_stage=stage)
+        deepspeed_expert_parallel(self.lightning_module, self.ep_size, zero_stage=self._zero_stage())
         super().setup(trainer)
+
+    def lightning_module_state_dict(self) -> dict:
+        """The module's state with every expert gathered (a collective over the EP groups): what the run's
+        ``export/`` is written from. DeepSpeed's own checkpoints are saved by the engine, per expert."""
+        return gather_state_dict(self.lightning_module, super().lightning_module_state_dict())
 
     def _init_optimizers(self):
         optimizer, scheduler_config = super()._init_optimizers()
         if sharded_layers(self.lightning_module):
             split_optimizer(optimizer, scheduler_config.scheduler if scheduler_config is not None else None)
         return optimizer, scheduler_config
-
-
-def is_bridged(model: nn.Module) -> bool:
-    """Whether DeepSpeed will see ``model`` as an MoE model (every expert parameter's layer is bridged)."""
-    return any(is_expert_param(p) for p in model.parameters()) and all(
-        isinstance(getattr(m, BRIDGE, None), DeepSpeedMoEBridge) for _, m in sharded_layers(model)
-    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def read_deepspeed_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, tor
     tag = _tag_dir(Path(checkpoint_dir))
     main = torch.load(tag / MAIN_FILE, map_location="cpu", weights_only=True)
     state = dict(main.get("module") or {})
-    if not state:
+    if not state or all(t.numel() == 0 for t in state.values()):  # ZeRO-3 saves empty placeholders
         raise ValueError(f"{tag / MAIN_FILE}: no module weights (a ZeRO-3 checkpoint? only ZeRO-1/2 is supported)")
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for path in sorted(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
@@ -89,7 +89,7 @@ def convert_deepspeed_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path
         config = (_from_dict(ModelConfig, hparams["model"], f"{where}.model"),
                   _from_dict(RouterConfig, hparams["router"], f"{where}.router"))  # fmt: skip
     if config is None:
-        raise ValueError(f"{checkpoint_dir}: no hyper_parameters in the checkpoint; pass config=(ModelConfig, RouterConfig)")
+        raise ValueError(f"{checkpoint_dir}: no hyper_parameters saved; pass config=(ModelConfig, RouterConfig)")
     model = MoETransformer(*config)
     if not set(model.state_dict()) & set(state):  # a LightningModule's: keep its .model
         state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
