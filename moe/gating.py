@@ -105,7 +105,7 @@ class SparsemaxFunction(torch.autograd.Function):
         cumsum_minus_one = z_sorted.cumsum(dim=-1) - 1
         support_size = (rho * z_sorted > cumsum_minus_one).sum(
             dim=-1, keepdim=True
-        )  # -inf entries: -inf > -inf is False
+        ).clamp_min(1)  # -inf entries: -inf > -inf is False; a NaN row (no support) stays NaN instead of failing
         tau = cumsum_minus_one.gather(-1, support_size - 1) / support_size
         p = torch.clamp(z - tau, min=0)
         ctx.save_for_backward(p)
@@ -138,7 +138,7 @@ class Entmax15Function(torch.autograd.Function):
         mean_sq = (x_sorted_finite**2).cumsum(dim=-1) / rho
         delta = (1 - rho * (mean_sq - mean**2)) / rho
         tau_rho = mean - delta.clamp(min=0).sqrt()
-        support_size = (tau_rho <= x_sorted).sum(dim=-1, keepdim=True)  # -inf entries never count
+        support_size = (tau_rho <= x_sorted).sum(dim=-1, keepdim=True).clamp_min(1)  # -inf never counts; NaN rows
         tau = tau_rho.gather(-1, support_size - 1)
         p = torch.clamp(x - tau, min=0) ** 2
         ctx.save_for_backward(p)

@@ -89,6 +89,9 @@ class MoETransformer(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         if self.shift is not None:
             nn.init.zeros_(self.shift.weight)
+        for name, m in self.named_modules():
+            if hasattr(m, "layer_name"):  # routers name their layer in errors
+                m.layer_name = name
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[RoutingResult]]:
         S = tokens_BS.shape[1]

@@ -21,7 +21,7 @@ from torch import nn
 from moe.config import RouterConfig
 from moe.gating import SCORE_FUNCTIONS, update_expert_bias
 from moe.losses import cv_squared, importance_loss, load_balancing_loss, router_z_loss
-from moe.routing import RoutingResult, route, stable_topk
+from moe.routing import RoutingResult, check_logits, route, softmax_limit, stable_topk
 
 
 def _check(cfg: RouterConfig, num_experts: int) -> None:
@@ -51,6 +51,7 @@ class TopKRouter(nn.Module):
         self.register_buffer("pending_counts", torch.zeros(num_experts), persistent=False)
         # counts [E] -> counts summed over the data-parallel group; installed by moe.parallel, None on one device
         self.reduce_counts = None
+        self.layer_name = "router"  # named in errors; MoETransformer sets the module path
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.jitter > 0:
@@ -67,7 +68,7 @@ class TopKRouter(nn.Module):
             logits_TE, cfg.k, score=cfg.score, renormalize=cfg.renormalize, order=cfg.order,
             bias=self.expert_bias if cfg.bias_update_rate > 0 else None, n_group=cfg.n_group,
             topk_group=cfg.topk_group, scaling=cfg.scaling, aux_loss_mode=cfg.aux_loss_mode, seq_len=seq_len,
-            reduce_counts=self.reduce_counts, **kw,
+            reduce_counts=self.reduce_counts, check=self.layer_name if self.training else None, **kw,
         )  # fmt: skip
         if self.training and cfg.bias_update_rate > 0:
             self.pending_counts += r.load.to(self.pending_counts)
@@ -95,11 +96,15 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(num_experts, d_model))
         self.w_noise = nn.Parameter(torch.zeros(num_experts, d_model))
         self.reduce_counts = None  # see TopKRouter
+        self.layer_name = "router"
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg, E, k = self.cfg, self.num_experts, self.cfg.k
         x32 = x_TD.float()
         clean_TE = F.linear(x32, self.w_gate.float())
+        if self.training:
+            check_logits(clean_TE, self.layer_name)
+        clean_TE = softmax_limit(clean_TE)
         noisy_TE, sigma_TE = clean_TE, None
         if self.training:
             sigma_TE = F.softplus(F.linear(x32, self.w_noise.float())) + 1e-6
@@ -156,6 +161,9 @@ class GumbelRouter(TopKRouter):
         cfg, E = self.cfg, self.num_experts
         logits_TE = self.logits(x_TD)
         if self.training:
+            check_logits(logits_TE, self.layer_name)
+        logits_TE = softmax_limit(logits_TE)
+        if self.training:
             gumbel = -torch.empty_like(logits_TE).exponential_().log()
             y_TE = torch.softmax((logits_TE + gumbel) / self.tau, dim=-1)
         else:
@@ -195,6 +203,9 @@ class ExpertChoiceRouter(TopKRouter):
         cfg, E = self.cfg, self.num_experts
         T = x_TD.shape[0]
         logits_TE = self.logits(x_TD)
+        if self.training:
+            check_logits(logits_TE, self.layer_name)
+        logits_TE = softmax_limit(logits_TE)
         probs = torch.softmax(logits_TE, dim=-1)
         C = min(T, math.ceil(cfg.capacity_factor * T / E))
         gates_EC, tokens_EC = stable_topk(probs.t(), C)

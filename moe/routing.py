@@ -97,6 +97,30 @@ def _as_distribution(scores_TE: torch.Tensor) -> torch.Tensor:
     return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
+def check_logits(logits_TE: torch.Tensor, where: str) -> None:
+    """Refuse router logits with a NaN, or a row whose every logit is ``-inf`` (no expert left to take the token),
+    naming the layer (``where``). One device sync; routers call it in training mode only."""
+    nan = torch.isnan(logits_TE).any(-1)
+    empty = (logits_TE == float("-inf")).all(-1)
+    bad = nan | empty
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()[:5].tolist()
+        what = "NaN logits" if bool(nan.any()) else "every logit -inf"
+        raise ValueError(
+            f"{where}: {what} in {int(bad.sum())} of {logits_TE.shape[0]} tokens (rows {rows}...): the layer's input "
+            "or the router weights are not finite; lower the learning rate or check the data"
+        )
+
+
+def softmax_limit(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Rows holding ``+inf`` become ``0`` on the ``+inf`` experts and ``-inf`` elsewhere: the softmax limit as those
+    logits grow (one-hot on a single ``+inf``, uniform over several; the same for sparsemax, entmax and the
+    temperature variants). Unnormalised scores (softpick, self-adjust) score such a row 0. No device sync."""
+    pos = logits_TE == float("inf")
+    rows = pos.any(-1, keepdim=True)
+    return torch.where(rows, torch.where(pos, 0.0, float("-inf")), logits_TE)
+
+
 def route(
     logits: torch.Tensor,
     k: int,
@@ -110,6 +134,7 @@ def route(
     aux_loss_mode: str = "switch",
     seq_len: int | None = None,
     reduce_counts=None,
+    check: str | None = None,
     **score_kw,
 ) -> RoutingResult:
     """Route ``[T, E]`` logits to k experts per token and compute the load-balancing and z losses.
@@ -118,7 +143,9 @@ def route(
     selection only. scaling: multiplies the final weights (DeepSeek-V3 ``routed_scaling_factor``). The aux loss
     uses the scores normalised to a distribution, and counts all k choices (``seq_len`` is needed by the
     "sequence" aux mode). reduce_counts: ``counts [E] -> counts summed over the data-parallel group`` (a
-    collective, called on every rank in every forward), or None for this rank's counts.
+    collective, called on every rank in every forward), or None for this rank's counts. check: a layer name to
+    refuse NaN / all ``-inf`` logits with (``check_logits``; routers pass it in training mode). ``+inf`` logits
+    follow the score's limit (``softmax_limit``; sigmoid scores take them as they are, ``sigmoid(inf) = 1``).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
@@ -131,7 +158,13 @@ def route(
         raise ValueError(f"bias: expected shape [{E}], got {tuple(bias.shape)}")
     if (n_group is None) != (topk_group is None):
         raise ValueError("n_group and topk_group: set both or neither")
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"{check or 'router'}.expert_bias: non-finite values {bias.tolist()[:8]}")
     logits32 = logits.float()
+    if check is not None:
+        check_logits(logits32, check)
+    if score != "sigmoid":
+        logits32 = softmax_limit(logits32)
     scores_TE = apply_score(logits32, score, **score_kw)
     select_TE = scores_TE if order == "score_then_topk" else logits32
     select_TE = select_TE.detach() + (bias.to(select_TE) if bias is not None else 0.0)

@@ -1,0 +1,64 @@
+"""Non-finite router logits: NaN and empty rows are refused in training naming the layer; +inf follows the limit."""
+
+import math
+
+import pytest
+import torch
+
+from moe.config import ModelConfig, RouterConfig
+from moe.gating import SCORE_FUNCTIONS, entmax15, sparsemax
+from moe.model import MoETransformer
+from moe.routing import route
+
+INF = math.inf
+UNNORMALISED = ("sigmoid", "softpick", "self_adjust_softmax")
+NORMALISED = sorted(s for s in SCORE_FUNCTIONS if s not in UNNORMALISED)
+
+
+@pytest.mark.parametrize("score", NORMALISED)
+def test_single_plus_inf_is_one_hot_and_two_share_the_row(score):
+    logits = torch.tensor([[0.1, INF, 0.3, 0.2], [INF, INF, 0.0, 1.0], [0.4, 0.1, 0.3, 0.2]])
+    r = route(logits, 2, score=score)
+    assert r.ids[0, 0] == 1 and r.weights[0].tolist() == [1.0, 0.0]  # the softmax limit
+    assert sorted(r.ids[1].tolist()) == [0, 1] and r.weights[1].tolist() == [0.5, 0.5]
+    assert torch.isfinite(r.weights).all() and torch.isfinite(r.probs).all() and torch.isfinite(r.aux_loss)
+    torch.testing.assert_close(r.probs[0], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("score", ["softpick", "self_adjust_softmax"])
+def test_unnormalised_scores_stay_finite_with_plus_inf(score):
+    r = route(torch.tensor([[0.1, INF, 0.3, 0.2], [0.4, 0.1, 0.3, 0.2]]), 2, score=score)
+    assert torch.isfinite(r.weights).all() and torch.isfinite(r.probs).all()
+
+
+def test_sigmoid_takes_plus_inf_as_score_one():
+    r = route(torch.tensor([[0.0, INF, -1.0]]), 2, score="sigmoid", renormalize=False)
+    assert r.ids[0].tolist() == [1, 0] and r.weights[0].tolist() == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("row, what", [([0.1, math.nan, 0.2], "NaN logits"), ([-INF, -INF, -INF], "every logit -inf")])
+def test_nan_and_empty_rows_are_refused_naming_the_layer(row, what):
+    with pytest.raises(ValueError, match=f"blocks.0.moe.router: {what} in 1 of 2 tokens"):
+        route(torch.tensor([row, [0.1, 0.2, 0.3]]), 2, check="blocks.0.moe.router")
+
+
+def test_nan_bias_is_refused():
+    with pytest.raises(ValueError, match=r"expert_bias: non-finite"):
+        route(torch.randn(3, 4), 2, bias=torch.tensor([0.0, math.nan, 0.0, 0.0]))
+
+
+def test_model_in_training_names_the_layer_with_nan_logits():
+    cfg = ModelConfig(vocab_size=7, max_seq_len=4, d_model=8, n_layer=2, n_head=2, num_experts=4, d_ff=8)
+    model = MoETransformer(cfg, RouterConfig(k=2))
+    with torch.no_grad():
+        model.blocks[1].moe.router.weight[2, 0] = math.nan
+    with pytest.raises(ValueError, match=r"^blocks.1.moe.router: NaN logits"):
+        model(torch.randint(0, 7, (2, 4)))
+    model.eval()
+    model(torch.randint(0, 7, (2, 4)))  # evaluation does not sync on every layer to check
+
+
+@pytest.mark.parametrize("fn", [sparsemax, entmax15])
+def test_sparse_scores_with_a_nan_row_return_nan_instead_of_failing(fn):
+    p = fn(torch.tensor([[0.1, math.nan, 0.3], [0.3, 0.2, -INF]]))
+    assert torch.isnan(p[0]).all() and torch.isfinite(p[1]).all() and p[1].sum().item() == pytest.approx(1)
