@@ -114,7 +114,8 @@ def assemble(
         raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)}")
     m = METHODS[method]
     p = m.resolve(params, len(models))
-    base_ck, model_cks = Checkpoint(base), [Checkpoint(x) for x in models]
+    base_ck = Checkpoint(base)
+    model_cks = [Checkpoint(x, base=base_ck) for x in models]
     cfg = _config(base_ck)
     out = Path(out).resolve()
     if (out / "model.safetensors").exists() and not overwrite:

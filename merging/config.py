@@ -35,6 +35,10 @@ class MethodConfig:
     svd: str | None = None  # STAR: exact | randomized
     rank: int | None = None  # STAR randomized SVD rank
     one_d: str | None = None  # STAR 1-D tensors: base | mean
+    t: float | None = None  # SLERP interpolation factor (0 = the base, or models[0] of two; 1 = the last model)
+    filter_wise: bool | None = None  # Model Stock: one ratio per row instead of per tensor
+    gamma: float | None = None  # Breadcrumbs: fraction of the largest magnitudes dropped
+    common_fraction: float | None = None  # Iso-CTS: share of the rank for the common subspace
 
     def params(self) -> dict[str, object]:
         return {k: v for k, v in vars(self).items() if k != "name" and v is not None}

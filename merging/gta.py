@@ -1,4 +1,5 @@
-"""Generalized task arithmetic: drop (DARE / DELLA) -> trim (TIES) -> combine (sum, or elect + disjoint mean).
+"""Generalized task arithmetic: drop (DARE / DELLA / Breadcrumbs) -> trim (TIES) -> combine (sum, or elect +
+disjoint mean).
 
 ``gta_method`` registers one configuration; ``merging/methods.py`` holds the configurations. Every step is a
 row-local or elementwise operation given its population statistics (Stages), so a tensor can be merged in row
@@ -6,6 +7,8 @@ chunks.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -18,11 +21,14 @@ from merging.sparsify import (
     fill_zero_signs,
     keep_rank,
     magprune_keep_prob,
+    outlier_ranks,
     per_model,
     trim_by,
     trim_rows,
     weights_of,
 )
+
+RANDOM_DROPS = ("dare", "della")  # drops that draw from the model's random stream
 
 
 def info_of(tau_hat: torch.Tensor, low: torch.Tensor | None = None, signs: torch.Tensor | None = None) -> dict:
@@ -47,6 +53,8 @@ def _dropped(chunk: Chunk, stats: dict, p: dict, drop: str | None) -> torch.Tens
     tau = chunk.tau
     if drop is None:
         return tau
+    if drop == "breadcrumbs":
+        return _crumbs(chunk, stats, p)
     R, C = tau.shape[1:]
     if drop == "dare":
         keep_prob = 1.0 - p["drop"]
@@ -70,11 +78,29 @@ def _dropped(chunk: Chunk, stats: dict, p: dict, drop: str | None) -> torch.Tens
     return kept
 
 
+def _crumbs(chunk: Chunk, stats: dict, p: dict) -> torch.Tensor:
+    """Breadcrumbs: each tau_t keeps the magnitudes ranked within ``outlier_ranks`` of its tensor (or of each row);
+    entries tied with a bound stay."""
+    tau = chunk.tau
+    if p["scope"] == "row":
+        ranks = outlier_ranks(tau.shape[-1], p["density"], p["gamma"])
+        if ranks is None:
+            return torch.zeros_like(tau)
+        mag = tau.abs()
+        lo, hi = (mag.kthvalue(r, dim=-1, keepdim=True).values for r in ranks)
+    else:
+        if outlier_ranks(math.prod(chunk.shape), p["density"], p["gamma"]) is None:
+            return torch.zeros_like(tau)
+        lo, hi = (per_model(stats["crumbs"][:, i].float(), tau) for i in (0, 1))
+        mag = tau.abs()
+    return tau * ((mag >= lo) & (mag <= hi))
+
+
 def _trimmed(tau: torch.Tensor, stats: dict, p: dict) -> torch.Tensor:
     if p.get("density", 1.0) >= 1.0 or "trim_scope" not in p:
         return tau
     if p["trim_scope"] == "row":
-        return trim_rows(tau, p["density"])
+        return trim_rows(tau, p["density"], p["trim_rule"])
     return trim_by(tau, stats["trim"][:, 0])
 
 
@@ -90,10 +116,13 @@ def _gta_stages(spec: dict):
     def stages(p: dict) -> list[Stage]:
         out = []
         drop = spec["drop"]
+        if drop == "breadcrumbs" and p["scope"] == "tensor":
+            ranks = lambda d: list(outlier_ranks(d, p["density"], p["gamma"]) or (1, 1))  # noqa: E731
+            out.append(Stage("crumbs", "select", lambda c, s: c.tau.abs().flatten(1), ranks=ranks))
         if drop == "della" and p["scope"] == "tensor":  # every entry's magnitude, then ranks over the tensor
             finish = lambda mag: magprune_keep_prob(mag, p["density"], p["epsilon"], out=mag)  # noqa: E731
             out.append(Stage("keep", "gather", lambda c, s: c.tau.abs().flatten(1), finish=finish))
-        if drop is not None and p.get("rescale") == "l1":
+        if drop in RANDOM_DROPS and p.get("rescale") == "l1":
 
             def l1(chunk, stats):
                 kept = _dropped(chunk, stats, {**p, "rescale": "none"}, drop)
@@ -114,8 +143,8 @@ def _gta_stages(spec: dict):
                     "select",
                     lambda c, s: _dropped(c, s, p, drop).abs().flatten(1),
                     level=p["trim_scope"],
-                    ranks=lambda d: [keep_rank(d, p["density"])],
-                    random=drop is not None,
+                    ranks=lambda d: [keep_rank(d, p["density"], p["trim_rule"])],
+                    random=drop in RANDOM_DROPS,
                 )
             )
         if spec["majority"] and p["combine"] == "ties" and not (trims and p["trim_scope"] == "row"):
@@ -126,7 +155,7 @@ def _gta_stages(spec: dict):
                 return elect_sign(_electorate(tau_hat, w, p), p["sign"], majority=0.0).sum()
 
             level = p["trim_scope"] if trims else "tensor"
-            out.append(Stage("votes", "sum", votes, level=level, random=drop is not None, inline=True,
+            out.append(Stage("votes", "sum", votes, level=level, random=drop in RANDOM_DROPS, inline=True,
                              deferrable=level == "tensor"))  # fmt: skip
         return out
 
@@ -172,7 +201,8 @@ def _gta_apply(spec: dict):
 
 def gta_method(name, pretty, url, params, prepare, drop=None, majority=True, validate=None, chunkable=None, doc=""):
     """Register a generalized-task-arithmetic method. ``prepare(p)`` adds the settings the method fixes itself
-    (``combine``; ``trim_scope``, present only for methods that trim by magnitude)."""
+    (``combine``; ``trim_scope`` and ``trim_rule``, present only for methods that trim by magnitude: see
+    ``sparsify.keep_rank``)."""
     spec = {"drop": drop, "majority": majority}
     full = prepare
 
@@ -186,7 +216,7 @@ def gta_method(name, pretty, url, params, prepare, drop=None, majority=True, val
             params=params,
             apply=lambda chunk, stats, p: apply(chunk, stats, full(p)),
             stages=lambda p: stages(full(p)),
-            random=lambda p: drop is not None,
+            random=lambda p: drop in RANDOM_DROPS,
             validate=lambda p, n: validate(full(p)) if validate else None,
             chunkable=(lambda p, shape: chunkable(full(p), shape)) if chunkable else (lambda p, shape: True),
             doc=doc,

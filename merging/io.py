@@ -150,7 +150,9 @@ class Checkpoint:
     files live; ``hparams``: a Lightning checkpoint's hyper-parameters.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, base: Checkpoint | None = None):
+        if self._open_lora(path, base):
+            return
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
@@ -199,6 +201,28 @@ class Checkpoint:
                     self.where[name] = fname
         self.files = files
         self.names = sorted(self.where)
+
+    def _open_lora(self, path: str | os.PathLike, base: Checkpoint | None) -> bool:
+        """A PEFT LoRA adapter directory (given ``base``) or mergekit's ``BASE+ADAPTER`` reference: the base's tensors
+        plus ``scale * B @ A`` on the adapter's modules (``merging.lora``). False for any other path."""
+        from merging import lora
+
+        pair = lora.split_reference(path)
+        if pair is not None:
+            base, adapter = Checkpoint(pair[0]), pair[1]
+        elif lora.is_adapter(path):
+            if base is None:
+                raise ValueError(f"{path}: a LoRA adapter needs its base: give it as BASE+ADAPTER (mergekit's "
+                                 "reference) or pass base=")  # fmt: skip
+            adapter = Path(path)
+        else:
+            return False
+        f = lora.LoraFile(adapter, base)
+        self.path, self.folder, self.hparams = adapter, base.folder, base.hparams
+        self.files = {f.path.name: f}
+        self.where = {name: f.path.name for name in base.names}
+        self.names = sorted(self.where)
+        return True
 
     def file_of(self, name: str) -> Path:
         return self.files[self.where[name]].path

@@ -434,7 +434,7 @@ def merge(
     m = METHODS[method]
     p = m.resolve(params, len(models))
     base_ck = Checkpoint(base)
-    model_cks = [Checkpoint(x) for x in models]
+    model_cks = [Checkpoint(x, base=base_ck) for x in models]  # a LoRA adapter directory reads against the base
     out = Path(out).resolve()
     inputs = set(base_ck.input_paths())
     for ck in model_cks:

@@ -1,9 +1,12 @@
-"""Linear, task arithmetic, TIES, DARE and DELLA (the last four: configurations of ``merging.gta``).
+"""Linear, task arithmetic, TIES, DARE, DELLA and Breadcrumbs (all but linear: configurations of ``merging.gta``).
 
 Notation: base theta_0, fine-tuned theta_t (t = 1..N), task vectors tau_t = theta_t - theta_0, weights w_t.
-Every method: (1) optionally drop (DARE: Bernoulli; DELLA: rank-based MagPrune) with a rescale, (2) optionally
-trim to the top-``density`` magnitudes (TIES), (3) combine: "linear" = sum_t w_t tau_t, "ties" = elect a sign
-per entry and take the disjoint (weighted) mean of the agreeing entries, (4) theta = theta_0 + lam * combined.
+Every method: (1) optionally drop (DARE: Bernoulli; DELLA: rank-based MagPrune; Breadcrumbs: both magnitude tails)
+with a rescale, (2) optionally trim to the top-``density`` magnitudes (TIES), (3) combine: "linear" = sum_t w_t
+tau_t, "ties" = elect a sign per entry and take the disjoint (weighted) mean of the agreeing entries,
+(4) theta = theta_0 + lam * combined.
+
+Importing this module also registers the methods of their own modules (SLERP, Model Stock, TSV-M, Iso-C/CTS).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ WEIGHTED_SIGN = Param(False, "elect on w_t * tau_t (mergekit) instead of tau_t (
 DIVISOR = Param("weights", "disjoint mean divisor: 'weights' = sum of agreeing w_t (= count when w = 1; mergekit), "
                 "'count' = number of agreeing models (PEFT)", ("weights", "count"))  # fmt: skip
 SCOPE = Param("global", "where the top-density magnitudes are counted: 'tensor', 'row' (last dim), or 'global' "
-              "(the whole model, as the TIES paper)", ("tensor", "row", "global"))  # fmt: skip
+              "(the whole model, as the TIES paper); k = max(1, int(density * n)) of n (PEFT, mergekit)",
+              ("tensor", "row", "global"))  # fmt: skip
 
 
 def _check_density(p, key="density"):
@@ -83,7 +87,7 @@ gta_method(
         "weighted_sign": WEIGHTED_SIGN,
         "divisor": DIVISOR,
     },
-    prepare=lambda p: {**p, "combine": "ties", "trim_scope": p["scope"]},
+    prepare=lambda p: {**p, "combine": "ties", "trim_scope": p["scope"], "trim_rule": "floor"},
     validate=_check_density,
     doc="Trim each tau_t to its top-density magnitudes (scope: tensor / row / whole model), elect a sign per entry "
     "(zeros -> the majority elected sign of the scope), disjoint mean of the agreeing entries, scale by lam.",
@@ -118,14 +122,14 @@ gta_method(
         "density": Param(
             1.0,
             "combine=ties: also trim to the top-density magnitudes after dropping (MergeLM "
-            "DARE+TIES trims, mergekit dare_ties does not)",
+            "DARE+TIES trims, keeping n - int(n (1 - density)) + 1 of n; mergekit dare_ties does not)",
         ),  # fmt: skip
         "scope": SCOPE,
         "sign": SIGN,
         "weighted_sign": WEIGHTED_SIGN,
         "divisor": DIVISOR,
     },
-    prepare=lambda p: {**p, "trim_scope": p["scope"]},
+    prepare=lambda p: {**p, "trim_scope": p["scope"], "trim_rule": "mergelm"},
     drop="dare",
     validate=_validate_dare,
     doc="Drop each entry of tau_t with probability p (Bernoulli), rescale the survivors, then combine.",
@@ -168,3 +172,34 @@ gta_method(
     doc="MagPrune: keep each entry with probability rising linearly with its magnitude rank, rescale by 1/p, "
     "elect signs on w_t * tau_t (sum >= 0 -> +), weighted disjoint mean, scale by lam.",
 )
+
+
+# ---------------------------------------------------------------------------------------------- breadcrumbs
+
+
+def _validate_breadcrumbs(p):
+    _check_density(p)
+    if not 0.0 <= p["gamma"] < 1.0:
+        raise ValueError(f"gamma={p['gamma']}: expected 0 <= gamma < 1")
+
+
+gta_method(
+    "breadcrumbs",
+    "Model Breadcrumbs",
+    "https://arxiv.org/abs/2312.06795",
+    {
+        "density": Param(0.9, "kept fraction of each task vector (mergekit docs' example; paper: 1 - beta - gamma)"),
+        "gamma": Param(0.01, "fraction of the largest magnitudes dropped (mergekit default; the paper's top tail)"),
+        "lam": Param(0.4, "scale of the summed masked task vectors (official code's --alpha default)"),
+        "weights": WEIGHTS,
+        "scope": Param("tensor", "ranks per 'tensor' (the paper's per-layer masks, mergekit) or per 'row' (last dim, "
+                       "the official code's topk)", ("tensor", "row")),  # fmt: skip
+    },
+    prepare=lambda p: {**p, "combine": "linear"},
+    drop="breadcrumbs",
+    validate=_validate_breadcrumbs,
+    doc="Per layer and task, drop the top-gamma magnitudes (outliers) and the smallest ones so that int(density * n) "
+    "stay, then theta_0 + lam * sum_t w_t tau_t (task arithmetic on the masked task vectors).",
+)
+
+from merging import iso, model_stock, slerp, tsv  # noqa: E402, F401  (register their methods)

@@ -23,33 +23,63 @@ def per_model(w_N: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w_N.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def keep_rank(count: int, density: float) -> int:
-    """1-based rank (ascending) of the smallest kept magnitude when keeping ``ceil(density * count)`` entries."""
-    return count - math.ceil(density * count) + 1
+TRIM_RULES = ("floor", "mergelm")
 
 
-def trim_topk(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep, per task vector (dim 0, flattened), its ``ceil(density * d)`` largest magnitudes; zero the rest.
+def keep_rank(count: int, density: float, rule: str = "floor") -> int:
+    """1-based ascending rank of the smallest magnitude a top-``density`` trim keeps (entries >= it stay), counted as
+    each reference code counts:
 
-    Entries tied with the threshold magnitude are all kept. (The TIES reference code thresholds at the
-    ``(d - int(d*K))``-th smallest magnitude, which keeps one entry more than ``int(d*K)``.)
+    - "floor" keeps the top ``k = max(1, int(density * count))``: PEFT ``magnitude_based_pruning``
+      (``k = int(density * tensor.numel())``, ``torch.topk``) and mergekit 0.1.5 ``sparsify.magnitude``
+      (``k = max(1, int(density * tensor.numel()))``; PEFT keeps none where ``int`` gives 0). The TIES code keeps one
+      entry more: its threshold is the ``(d - int(d * K))``-th smallest (``topk_values_mask``), which at the paper's
+      scope is one entry of the whole model.
+    - "mergelm" is MergeLM's trim after DARE (``mask_smallest_magnitude_param_values``): the threshold is the
+      ``int(d * mask_rate)``-th smallest with ``mask_rate = 1 - density``, so ``d - int(d * (1 - density)) + 1``
+      entries stay.
     """
+    if rule == "mergelm":
+        rank = int(count * (1 - density))
+    elif rule == "floor":
+        rank = count - max(1, int(density * count)) + 1
+    else:
+        raise ValueError(f"rule={rule!r}: expected one of {list(TRIM_RULES)}")
+    return min(max(rank, 1), count)
+
+
+def trim_topk(tau: torch.Tensor, density: float, rule: str = "floor") -> torch.Tensor:
+    """Keep, per task vector (dim 0, flattened), the magnitudes at or above its ``keep_rank`` threshold; zero the
+    rest. Entries tied with the threshold magnitude are all kept."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density}: expected 0 < density <= 1")
     flat = tau.reshape(tau.shape[0], -1)
     if density == 1.0:
         return tau.clone()
-    thresh = flat.abs().kthvalue(keep_rank(flat.shape[1], density), dim=1, keepdim=True).values
+    thresh = flat.abs().kthvalue(keep_rank(flat.shape[1], density, rule), dim=1, keepdim=True).values
     return (flat * (flat.abs() >= thresh)).reshape(tau.shape)
 
 
-def trim_rows(tau: torch.Tensor, density: float) -> torch.Tensor:
+def trim_rows(tau: torch.Tensor, density: float, rule: str = "floor") -> torch.Tensor:
     """``trim_topk`` applied to every row (last dim) of ``tau [N, R, C]`` separately."""
     if density == 1.0:
         return tau
     C = tau.shape[-1]
-    thresh = tau.abs().kthvalue(keep_rank(C, density), dim=-1, keepdim=True).values
+    thresh = tau.abs().kthvalue(keep_rank(C, density, rule), dim=-1, keepdim=True).values
     return tau * (tau.abs() >= thresh)
+
+
+def outlier_ranks(count: int, density: float, gamma: float) -> tuple[int, int] | None:
+    """Breadcrumbs: 1-based ascending ranks ``(lo, hi)`` of the magnitudes kept, ``lo <= rank <= hi``; None when
+    nothing is kept. As mergekit's ``magnitude_outliers`` counts: keep ``k = int(density * n)``, drop the top
+    ``int(gamma * n)`` and the bottom ``max(0, n - k - top)`` (fewer top entries go when the two overlap). The
+    official code (``TaskVectorMiddleKeep``) drops the top ``int(gamma * n)``, then keeps the top ``int(beta * n)``
+    of the rest: the same ranks whenever density + gamma <= 1."""
+    k = int(density * count)
+    if k == 0:
+        return None
+    bottom = max(0, count - k - int(gamma * count))
+    return bottom + 1, bottom + k
 
 
 def below(value: float) -> float:

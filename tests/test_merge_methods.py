@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from merging import METHODS, merge_tensors
+from merging import METHODS, merge, merge_tensors
+from merging.iso import cts_sizes
 from merging.registry import Stream
 from merging.select import StreamSelect, order_stats
-from merging.sparsify import bernoulli_keep, elect_sign, magprune_keep_prob, rank_order, trim_topk
+from merging.sparsify import bernoulli_keep, elect_sign, keep_rank, magprune_keep_prob, rank_order, trim_topk
 from merging.star import truncate
 
 # ------------------------------------------------------------------------------------------- linear / TA
@@ -59,12 +61,12 @@ def test_ties_row_scope_trims_each_row():
                                torch.tensor([[4.0, 3.0, 0, 0], [0, 0, 0.3, 0.4]]))  # fmt: skip
 
 
-def ties_reference(tau: torch.Tensor, k: float, lam: float) -> torch.Tensor:
+def ties_reference(tau: torch.Tensor, k: float, lam: float, kth: int | None = None) -> torch.Tensor:
     """TIES as the official ties-merging code does it on flattened task vectors [n, d], written from its steps:
-    topk_values_mask (keep |x| >= the (d - ceil(d k))+1-th smallest: ceil so density means 'at least'),
-    resolve_sign 'mass' with zeros -> majority, disjoint mean."""
+    topk_values_mask (keep |x| >= the kth smallest; the code's kth = d - int(d k), this library's and PEFT's count
+    d - int(d k) + 1 unless given), resolve_sign 'mass' with zeros -> majority, disjoint mean."""
     n, d = tau.shape
-    kth = d - math.ceil(d * k) + 1
+    kth = d - int(d * k) + 1 if kth is None else kth
     thr = tau.abs().kthvalue(kth, dim=1, keepdim=True).values
     trimmed = tau * (tau.abs() >= thr)
     signs = torch.sign(trimmed.sum(0))
@@ -85,6 +87,25 @@ def test_ties_matches_the_reference_recipe_and_agrees_with_the_elected_sign():
     nz = delta != 0
     assert nz.sum() > 500
     assert torch.equal(torch.sign(delta[nz]), elected[nz])
+
+
+def test_trim_counts_follow_each_reference_by_hand():
+    # n = 10, density 0.25: PEFT / mergekit keep int(2.5) = 2 (rank 9 of 10 is the smallest kept); the TIES code
+    # thresholds at rank 10 - int(2.5) = 8 (3 kept); MergeLM's DARE+TIES at rank int(10 * 0.75) = 7 (4 kept)
+    assert keep_rank(10, 0.25) == 9 and keep_rank(10, 0.25, "mergelm") == 7
+    # n = 4, density 0.2: int(0.8) = 0, mergekit 0.1.5 keeps at least one (rank 4); MergeLM: int(3.2) = 3 -> 2 kept
+    assert keep_rank(4, 0.2) == 4 and keep_rank(4, 0.2, "mergelm") == 3
+    assert keep_rank(7, 1.0) == 1 and keep_rank(7, 1.0, "mergelm") == 1  # density 1 keeps everything
+    tau = torch.tensor([[0.5, -3.0, 0.1, 2.0, -1.0, 0.7, 0.2, -0.3, 4.0, 0.05]])
+    # floor: the 2 largest (4, -3); mergelm: the 4 largest (4, -3, 2, -1)
+    torch.testing.assert_close(trim_topk(tau, 0.25), torch.tensor([[0, -3.0, 0, 0, 0, 0, 0, 0, 4.0, 0]]))
+    four = torch.tensor([[0, -3.0, 0, 2.0, -1.0, 0, 0, 0, 4.0, 0]])
+    torch.testing.assert_close(trim_topk(tau, 0.25, "mergelm"), four)
+    # TIES at tensor scope and DARE+TIES (drop 0) on the same single task vector
+    torch.testing.assert_close(merge_tensors("ties", torch.zeros(10), [tau[0]], density=0.25, scope="tensor"),
+                               trim_topk(tau, 0.25)[0])  # fmt: skip
+    dare = merge_tensors("dare", torch.zeros(10), [tau[0]], drop=0.0, combine="ties", density=0.25, scope="row")
+    torch.testing.assert_close(dare, trim_topk(tau, 0.25, "mergelm")[0])
 
 
 def test_ties_zero_sum_takes_the_majority_sign():
@@ -301,6 +322,187 @@ def test_star_gram_streams_tall_matrices_only():
     assert not star.chunkable(star.resolve({}, 2), (32000, 1024))  # the exact SVD needs the whole matrix
 
 
+# ---------------------------------------------------------------------------------------------------- SLERP
+
+
+def test_slerp_by_hand():
+    r2 = math.sqrt(0.5)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # orthogonal: Omega = pi/2, t = 1/2 -> sin(pi/4) a + sin(pi/4) b (a lerp would give [0.5, 0.5])
+    torch.testing.assert_close(merge_tensors("slerp", a, [b]), torch.tensor([r2, r2]))
+    # t = 1/3 -> sin(pi/3) a + sin(pi/6) b; t = 0 / 1 give the ends exactly
+    torch.testing.assert_close(merge_tensors("slerp", a, [b], t=1 / 3), torch.tensor([math.sqrt(3) / 2, 0.5]))
+    assert torch.equal(merge_tensors("slerp", a, [b], t=0.0), a)
+    assert torch.equal(merge_tensors("slerp", a, [b], t=1.0), b)
+    # the angle comes from the normalized tensors, the coefficients apply to the raw ones: |a| = 2 -> [sqrt 2, r2]
+    torch.testing.assert_close(merge_tensors("slerp", 2 * a, [b]), torch.tensor([2 * r2, r2]))
+    # colinear (cos = 1) and antipodal (cos = -1): the lerp fallback, 0.75 a + 0.25 b and 0.5 a + 0.5 b
+    torch.testing.assert_close(merge_tensors("slerp", torch.tensor([1.0, 2.0]), [torch.tensor([2.0, 4.0])], t=0.25),
+                               torch.tensor([1.25, 2.5]))  # fmt: skip
+    torch.testing.assert_close(merge_tensors("slerp", a, [-3 * a]), torch.tensor([-1.0, 0.0]))
+    # two models (FusionBench): between them; the base only names the tensor
+    torch.testing.assert_close(merge_tensors("slerp", torch.full((2,), 7.0), [a, b]), torch.tensor([r2, r2]))
+
+
+def test_slerp_stays_on_the_sphere_and_the_angle_is_linear_in_t():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g)
+    a, b = a / a.norm(), b / b.norm()
+    omega = torch.arccos((a * b).sum())
+    for t in (0.1, 0.5, 0.8):
+        out = merge_tensors("slerp", a, [b], t=t)
+        torch.testing.assert_close(out.norm(), torch.tensor(1.0))  # a lerp of unit vectors would be shorter
+        torch.testing.assert_close(torch.arccos((out * a).sum().clamp(-1, 1)), t * omega, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- Model Stock
+
+
+def test_model_stock_by_hand():
+    base = torch.tensor([1.0, -1.0])
+    # tau = [1, 0], [1, 1]: cos = 1 / sqrt 2, t = 2 cos / (1 + cos) = 2 (sqrt 2 - 1); mean tau = [1, 0.5]
+    t = 2 * (math.sqrt(2) - 1)
+    out = merge_tensors("model_stock", base, [base + torch.tensor([1.0, 0.0]), base + torch.tensor([1.0, 1.0])])
+    torch.testing.assert_close(out, base + t * torch.tensor([1.0, 0.5]))
+    # orthogonal task vectors: t = 0 (the base); identical ones: t = 1 (their average); opposite: singular -> base
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(merge_tensors("model_stock", base, [base + e1, base + e2]), base)
+    torch.testing.assert_close(merge_tensors("model_stock", base, [base + e1, base + e1]), base + e1)
+    torch.testing.assert_close(merge_tensors("model_stock", base, [base + e1, base - e1]), base)
+    # N = 3 (e1, e1, e2): pair cosines 1, 0, 0 -> cos 1/3, t = 3 (1/3) / (1 + 2/3) = 0.6; mean tau [2/3, 1/3]
+    out = merge_tensors("model_stock", base, [base + e1, base + e1, base + e2])
+    torch.testing.assert_close(out, base + torch.tensor([0.4, 0.2]))
+
+
+def test_model_stock_filter_wise_takes_one_ratio_per_row():
+    base = torch.zeros(2, 2)
+    tau1, tau2 = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    # row 0: cos 1/sqrt 2 -> t = 2 (sqrt 2 - 1); row 1: orthogonal -> t = 0
+    t = 2 * (math.sqrt(2) - 1)
+    out = merge_tensors("model_stock", base, [tau1, tau2], filter_wise=True)
+    torch.testing.assert_close(out, torch.tensor([[t, t * 0.5], [0.0, 0.0]]))
+    # per tensor: cos = <tau1, tau2> / (|tau1| |tau2|) = 1 / (sqrt 2 sqrt 6)
+    c = 1 / math.sqrt(12)
+    torch.testing.assert_close(merge_tensors("model_stock", base, [tau1, tau2]), 2 * c / (1 + c) * (tau1 + tau2) / 2)
+
+
+# ---------------------------------------------------------------------------------------------- Breadcrumbs
+
+
+def test_breadcrumbs_by_hand():
+    tau = torch.tensor([0.1, -5.0, 0.3, -0.2, 2.0, 0.05, 1.0, -0.4, 0.6, 3.0])
+    # n = 10, density 0.5, gamma 0.1: keep int(5.0) = 5, drop the top int(1.0) = 1 (|-5|) and the bottom
+    # 10 - 5 - 1 = 4 (0.05, 0.1, 0.2, 0.3); lam 0.5 scales the rest
+    kept = torch.tensor([0, 0, 0, 0, 2.0, 0, 1.0, -0.4, 0.6, 3.0])
+    out = merge_tensors("breadcrumbs", torch.ones(10), [1 + tau], density=0.5, gamma=0.1, lam=0.5)
+    torch.testing.assert_close(out, 1 + 0.5 * kept)
+    # density + gamma > 1: fewer top entries go (mergekit): keep int(9.5) = 9, bottom max(0, 10 - 9 - 1) = 0
+    out = merge_tensors("breadcrumbs", torch.zeros(10), [tau], density=0.95, gamma=0.1, lam=1.0)
+    torch.testing.assert_close(out, tau * (tau.abs() < 5))
+    # density 1 keeps everything (gamma too is then moot); int(0.5) = 0 keeps nothing
+    torch.testing.assert_close(merge_tensors("breadcrumbs", torch.zeros(10), [tau], density=1.0, lam=1.0), tau)
+    assert not merge_tensors("breadcrumbs", torch.zeros(10), [tau], density=0.05, gamma=0.0).any()
+    # row scope (the official code's topk over the last dim): C = 5, density 0.6, gamma 0.2 -> keep 3, top 1,
+    # bottom 1 per row
+    rows = tau.reshape(2, 5)
+    out = merge_tensors("breadcrumbs", torch.zeros(2, 5), [rows], density=0.6, gamma=0.2, lam=1.0, scope="row")
+    torch.testing.assert_close(out, torch.tensor([[0, 0, 0.3, -0.2, 2.0], [0, 1.0, -0.4, 0.6, 0]]))
+    # task arithmetic on the masked vectors: linear in the weights
+    two = merge_tensors("breadcrumbs", torch.zeros(10), [tau, -2 * tau], density=0.5, gamma=0.1, lam=1.0,
+                        weights=[1.0, 0.5])  # fmt: skip
+    torch.testing.assert_close(two, torch.zeros(10))  # kept + 0.5 * (-2 kept)
+
+
+# ---------------------------------------------------------------------------------------------------- TSV-M
+
+
+def test_tsv_m_by_hand():
+    base = torch.ones(2, 2)
+    # r = 2, T = 2 -> k = int(2 * 1/2) = 1 triplet per task: (e1, 3, e1) from diag(3, 1), (e2, 2, e2) from
+    # diag(0, 2); U^ = V^ = I are already orthogonal: delta = diag(3, 2) (task arithmetic would give diag(3, 3))
+    fts = [base + torch.diag(torch.tensor([3.0, 1.0])), base + torch.diag(torch.tensor([0.0, 2.0]))]
+    torch.testing.assert_close(merge_tensors("tsv_m", base, fts), base + torch.diag(torch.tensor([3.0, 2.0])))
+    # per-task weights scale tau_t before the SVDs (FusionBench's alpha list); lam scales the result
+    out = merge_tensors("tsv_m", base, fts, weights=[2.0, 1.0], lam=0.5)
+    torch.testing.assert_close(out, base + 0.5 * torch.diag(torch.tensor([6.0, 2.0])))
+    # 1-D tensors: the mean task vector; r < T (a 1-row matrix, 2 tasks): k = 0, the base
+    torch.testing.assert_close(merge_tensors("tsv_m", torch.zeros(3), [torch.ones(3), 3 * torch.ones(3)]),
+                               torch.full((3,), 2.0))  # fmt: skip
+    assert torch.equal(merge_tensors("tsv_m", torch.zeros(1, 4), [torch.ones(1, 4), torch.ones(1, 4)]),
+                       torch.zeros(1, 4))  # fmt: skip
+
+
+def test_tsv_m_keeps_each_tasks_top_singular_values():
+    # the orthogonalized bases make the merged spectrum exactly the tasks' kept singular values
+    g = torch.Generator().manual_seed(0)
+    taus = torch.randn(3, 12, 9, generator=g)
+    delta = merge_tensors("tsv_m", torch.zeros(12, 9), list(taus))  # r = 9, k = 3 per task
+    kept = torch.cat([torch.linalg.svdvals(t)[:3] for t in taus]).sort(descending=True).values
+    torch.testing.assert_close(torch.linalg.svdvals(delta), kept, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- Iso-C / CTS
+
+
+def test_iso_c_by_hand_and_flat_spectrum():
+    base = torch.zeros(2, 2)
+    # sum of tau = diag(3, 1): U V^T = I, mean singular value 2 -> 2 I (the sum, not the mean, of the tasks)
+    fts = [torch.diag(torch.tensor([3.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))]
+    torch.testing.assert_close(merge_tensors("iso_c", base, fts), 2 * torch.eye(2))
+    torch.testing.assert_close(merge_tensors("iso_c", base, fts, lam=1.5), 3 * torch.eye(2))
+    g = torch.Generator().manual_seed(1)
+    taus = torch.randn(3, 10, 6, generator=g)
+    delta = merge_tensors("iso_c", torch.zeros(10, 6), list(taus))
+    s = torch.linalg.svdvals(taus.sum(0))
+    torch.testing.assert_close(torch.linalg.svdvals(delta), s.mean().expand(6), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merge_tensors("iso_c", torch.zeros(3), [torch.ones(3), 3 * torch.ones(3)]),
+                               torch.full((3,), 2.0))  # 1-D: the mean  # fmt: skip
+
+
+def test_iso_cts_by_hand():
+    # r = 4, T = 2, f = 0.5: k = int(2.0) = 2 common directions, s = round(2 / 2) = 1 per task
+    assert cts_sizes(4, 2, 0.5) == (2, 1)
+    assert cts_sizes(10, 3, 0.8) == (7, 1)  # k = 8, round(2/3) = 1 -> the rest splits evenly: k = 10 - 3
+    assert cts_sizes(9, 2, 0.5) == (5, 2)  # k = 4, round(2.5) = 2 (half to even) -> k = 5
+    assert cts_sizes(3, 2, 0.0) == (1, 1)  # round(1.5) = 2 directions per task would exceed r: cut to r // T
+    # tau1 = diag(4, 0, 1, 0), tau2 = diag(0, 3, 0.5, 2): the sum diag(4, 3, 1.5, 2) gives the common e1, e2;
+    # outside them tau1 keeps (e3, 1) and tau2 (e4, 2): kept singular values 4, 3, 1, 2 -> mean 2.5, delta = 2.5 I.
+    # Iso-C flattens all of the sum's spectrum instead: mean(4, 3, 1.5, 2) = 2.625.
+    fts = [torch.diag(torch.tensor([4.0, 0.0, 1.0, 0.0])), torch.diag(torch.tensor([0.0, 3.0, 0.5, 2.0]))]
+    cts = merge_tensors("iso_cts", torch.zeros(4, 4), fts, common_fraction=0.5)
+    torch.testing.assert_close(cts, 2.5 * torch.eye(4))
+    torch.testing.assert_close(merge_tensors("iso_c", torch.zeros(4, 4), fts), 2.625 * torch.eye(4))
+    # common_fraction 1: no task directions, so Iso-CTS is Iso-C
+    g = torch.Generator().manual_seed(2)
+    taus = list(torch.randn(3, 8, 11, generator=g))
+    torch.testing.assert_close(merge_tensors("iso_cts", torch.zeros(8, 11), taus, common_fraction=1.0),
+                               merge_tensors("iso_c", torch.zeros(8, 11), taus), rtol=1e-4, atol=1e-4)  # fmt: skip
+    delta = merge_tensors("iso_cts", torch.zeros(8, 11), taus)  # a flat spectrum too
+    sv = torch.linalg.svdvals(delta)
+    torch.testing.assert_close(sv, sv.mean().expand(8), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("slerp", {"t": 0.3}), ("model_stock", {}), ("model_stock", {"filter_wise": True}), ("breadcrumbs", {}),
+    ("breadcrumbs", {"scope": "row", "density": 0.5, "gamma": 0.1}), ("tsv_m", {}), ("iso_c", {}), ("iso_cts", {}),
+])  # fmt: skip
+def test_new_methods_stream_like_in_memory(tmp_path, method, params):
+    # small chunks: the stages (norms, Gram matrices, rank bounds) are gathered over a tensor's chunks first
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(24, 16, generator=g), "v": torch.randn(16, generator=g), "e": torch.randn(3, 8, 6)}
+    n = 1 if method == "slerp" else 3
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    save_file(base, tmp_path / "base.safetensors")
+    for i, f in enumerate(fts):
+        save_file(f, tmp_path / f"ft{i}.safetensors")
+    out = merge(tmp_path / "base.safetensors", [tmp_path / f"ft{i}.safetensors" for i in range(n)], tmp_path / "out",
+                method=method, progress=False, chunk_elems=40, hold_bytes=0, **params)  # fmt: skip
+    got = load_file(out)
+    for name, b in base.items():
+        expected = merge_tensors(method, b, [f[name] for f in fts], name=name, **params)
+        torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
 # --------------------------------------------------------------------------------- order statistics, RNG
 
 
@@ -375,17 +577,30 @@ def test_bad_parameters_name_the_field():
         ("star", {"svd": "lowrank"}, "svd"),
         ("linear", {"density": 0.5}, "density"),
         ("task_arithmetic", {"weights": [1.0]}, "weights"),
+        ("breadcrumbs", {"gamma": 1.0}, "gamma"),
+        ("breadcrumbs", {"density": 1.5}, "density"),
+        ("breadcrumbs", {"scope": "global"}, "scope"),
+        ("slerp", {"t": float("nan")}, "t="),
+        ("model_stock", {"filter_wise": "yes"}, "filter_wise"),
+        ("iso_cts", {"common_fraction": 1.2}, "common_fraction"),
+        ("tsv_m", {"eta": 40.0}, "eta"),
     ]
     for method, params, field in cases:
         with pytest.raises(ValueError, match=field):
             merge_tensors(method, z, [z, z], **params)
     with pytest.raises(ValueError, match=r"finetuned\[1\]"):
         merge_tensors("ties", z, [z, torch.zeros(4)])
-    assert {"linear", "task_arithmetic", "ties", "dare", "della", "pcb", "star"} <= set(METHODS)
+    with pytest.raises(ValueError, match="slerp"):
+        merge_tensors("slerp", z, [z, z, z])
+    with pytest.raises(ValueError, match="at least 2"):
+        merge_tensors("model_stock", z, [z])
+    assert {"linear", "task_arithmetic", "ties", "dare", "della", "pcb", "star", "slerp", "model_stock", "tsv_m",
+            "iso_c", "iso_cts", "breadcrumbs"} <= set(METHODS)  # fmt: skip
     # every registered method is callable as a pure function and documents its parameters
     for m in METHODS.values():
         assert m.reference_url.startswith("https://") and all(p.doc for p in m.params.values())
-        torch.testing.assert_close(m(z, [z + 1], name="x"), m(z, [z + 1], name="x"))
+        fts = [z + 1, z - 2]
+        torch.testing.assert_close(m(z, fts, name="x"), m(z, fts, name="x"))
 
 
 def test_stream_rows_do_not_depend_on_chunking_and_bits_are_uniform():
