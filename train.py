@@ -1,9 +1,11 @@
-"""Train the MoE transformer on the embedded multi-task data.
+"""Train the MoE transformer on the embedded multi-task data (or the stdlib's source: experiment=pycode).
 
 python train.py                                   # ~5 min on 2 CPU cores, wandb offline
 python train.py router.k=1 model.num_experts=16   # any key of moe.config.TrainConfig
 python train.py experiment=finetune data.tasks=[sort] init_from=outputs/<run>/export
 python train.py trainer=ddp trainer.devices=2 parallel.ep_size=2   # expert parallel on 2 processes (gloo / NCCL)
+python train.py <the run's overrides> ckpt_path=last hydra.run.dir=outputs/<run>   # resume an interrupted run
+python train.py -m experiment=pipeline merge.method=ties,dare   # base -> fine-tunes -> merge -> comparison
 """
 
 import hydra
@@ -20,7 +22,12 @@ def main(cfg: DictConfig) -> float:
     adopt_launcher_env()
     configure_threads()
     config: TrainConfig = OmegaConf.to_object(cfg)
-    return run(config).get("mean_accuracy", 0.0)
+    if config.merge.enabled:
+        from moe.pipeline import run_pipeline
+
+        return run_pipeline(config)["mean_normalized"] or 0.0
+    results = run(config)
+    return results.get("mean_accuracy", -results.get("bpb", 0.0))  # what a sweeper maximizes
 
 
 if __name__ == "__main__":

@@ -5,15 +5,15 @@ Assemble an MoE from N fine-tunes instead: ... assemble.enabled=true [assemble.r
 
 from __future__ import annotations
 
-import gc
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from merging.config import MergeConfig, register_configs
 from merging.merge import merge
+from moe.config import register_resolvers
 
 register_configs()
+register_resolvers()  # conf/merge.yaml's help lists its own config groups (${config_groups:method})
 
 
 def evaluate_merge(cfg: MergeConfig) -> dict[str, dict[str, float]]:
@@ -23,7 +23,8 @@ def evaluate_merge(cfg: MergeConfig) -> dict[str, dict[str, float]]:
 
     from merging.evaluate import accuracy_table, evaluate_paths
 
-    results, norm, owners = evaluate_paths(cfg.out, cfg.base, list(cfg.models), cfg.data, cfg.tasks)
+    results, norm, owners = evaluate_paths(cfg.out, cfg.base, list(cfg.models), cfg.data, cfg.tasks,
+                                           progress=cfg.progress)  # fmt: skip
     Console().print(accuracy_table(results, norm, owners))
     return results
 
@@ -85,7 +86,6 @@ def main(cfg: DictConfig) -> None:
     print(f"merged ({config.method.name}) -> {path}")
     if config.eval:
         evaluate_merge(config)
-    gc.freeze()  # the process ends here: spare the interpreter's last full collection over torch's objects (~0.8 s)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from merging.io import Checkpoint
@@ -52,15 +53,41 @@ def normalized(results: dict[str, dict[str, float]], owners: dict[str, str]) -> 
 
 def evaluate_paths(
     merged: str, base: str, models: list[str], data: DataConfig, tasks: list[str] | None = None,
-    split: TaskSplit | None = None,
+    split: TaskSplit | None = None, progress: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:  # fmt: skip
-    """(accuracy per label and task, normalized accuracy per task, owner per task) on the validation split."""
+    """(accuracy per label and task, normalized accuracy per task, owner per task) on the validation split.
+    ``progress``: a rich progress bar over the models."""
     val = split if split is not None else build_splits(data)[1]
+    paths = [("merged", merged), ("base", base), *((f"model{i}", m) for i, m in enumerate(models))]
     results = {}
-    for label, path in [("merged", merged), ("base", base), *((f"model{i}", m) for i, m in enumerate(models))]:
-        results[label] = evaluate_tasks(load_merged(path), val)
+    with _progress(progress, len(paths)) as advance:
+        for label, path in paths:
+            advance(f"evaluating {label}")
+            results[label] = evaluate_tasks(load_merged(path), val)
+        advance("evaluated")
     owners = task_owner(results, len(models), tasks)
     return results, normalized(results, owners), owners
+
+
+@contextmanager
+def _progress(enabled: bool, total: int):
+    """Yields ``advance(description)``: the first call starts the bar, each later one counts a model done."""
+    if not enabled:
+        yield lambda description: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:  # fmt: skip  (as merging.merge's bar over tensors)
+        task = bar.add_task("evaluating", total=total)
+        started = False
+
+        def advance(description: str) -> None:
+            nonlocal started
+            bar.update(task, description=description, advance=1 if started else 0)
+            started = True
+
+        yield advance
 
 
 def accuracy_table(results, norm, owners):

@@ -6,10 +6,11 @@ full key path. The model config is plain data (JSON-serialisable) so it can be e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -86,6 +87,36 @@ class ModelConfig:
 
 
 @dataclass
+class PyCodeConfig:
+    """The stdlib byte-level LM data (``moe.pycode.PyCodeDataModule``). Mirrored by conf/data/pycode.yaml."""
+
+    root: str | None = None  # directory of .py files; None = this interpreter's stdlib (sysconfig "stdlib")
+    # Directory names skipped at any depth: tests, third-party packages, generated tables (codec maps, pydoc topics)
+    exclude: list[str] = field(
+        default_factory=lambda: [
+            "site-packages",
+            "dist-packages",
+            "__pycache__",
+            "test",
+            "tests",
+            "idle_test",
+            "encodings",
+            "pydoc_data",
+        ]
+    )
+    domains: list[str] | None = None  # train on these DOMAINS only; None = all
+    eval_domains: list[str] | None = None  # validate on these; None = all (shows forgetting after a fine-tune)
+    val_fraction: float = 0.1  # per domain, share of its bytes held out for validation (whole modules)
+    split_seed: int = 0  # salt of the path hash choosing held-out modules; independent of `seed`
+    seq_len: int = 256  # bytes the model reads per window (a window holds seq_len + 1 tokens)
+    batch_size: int = 32
+    train_windows: int = 32_000  # random training windows per epoch (1000 steps at batch 32); redrawn each epoch
+    val_windows_per_domain: int = 32  # fixed, evenly spaced validation windows per eval domain
+    seed: int = 1234  # training-window sampling: epoch e's windows depend on (seed, e) only
+    num_workers: int = 0
+
+
+@dataclass
 class DataConfig:
     """The embedded multi-task sequence dataset (generated in code, no download)."""
 
@@ -100,21 +131,27 @@ class DataConfig:
     seed: int = 1234
     batch_size: int = 128
     num_workers: int = 0
+    kind: str = "multitask"  # "multitask" (these fields) | "pycode" (the stdlib byte-level LM: data.pycode)
+    pycode: PyCodeConfig = field(default_factory=PyCodeConfig)
 
 
 @dataclass
 class OptimConfig:
+    """AdamW with linear warmup, then cosine decay to ``lr * min_lr_ratio`` at ``trainer.max_steps``."""
+
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    warmup_steps: int = 100  # >= 0
+    min_lr_ratio: float = 0.05  # in [0, 1]: cosine decays to lr * min_lr_ratio at trainer.max_steps
 
 
 @dataclass
 class TrainerConfig:
     """``lightning.Trainer`` arguments, instantiated from config (``_target_``); ``strategy`` may itself be a
-    ``_target_`` node (``conf/trainer/ddp.yaml``, ``deepspeed.yaml``). ``extra`` is passed through unchanged."""
+    ``_target_`` node (``conf/trainer/ddp.yaml``, ``deepspeed.yaml``). ``extra`` is passed through unchanged.
+    Training is counted in optimizer steps: ``max_steps`` >= 1, validation every ``val_check_interval`` steps and
+    at the last one."""
 
     _target_: str = "lightning.Trainer"
     max_steps: int = 1300
@@ -142,23 +179,20 @@ class ParallelConfig:
 
 
 @dataclass
-class LoggerConfig:
-    """``kind``: "wandb" (offline unless ``mode=online``) or "csv"."""
+class PipelineConfig:
+    """``experiment=pipeline`` (``moe.pipeline``): train a base, fine-tune it on each of ``tasks``, merge the
+    fine-tunes with ``method`` (params: ``merging.METHODS[method]``'s, e.g. {density: 0.2}), evaluate, compare.
+    The base and fine-tunes are cached in ``cache_dir`` by the hash of what made them (a multirun over methods
+    trains them once)."""
 
-    kind: str = "wandb"
-    mode: str = "offline"
-    project: str = "moe-merge"
-    name: str | None = None
-    log_expert_fractions: bool = True
-
-
-@dataclass
-class CallbacksConfig:
-    """ModelCheckpoint saves at each validation (best ``save_top_k`` by ``monitor``, plus ``last.ckpt``)."""
-
-    save_top_k: int = 1
-    monitor: str = "val/mean_accuracy"
-    rich_progress: bool = True
+    enabled: bool = False
+    tasks: list[str] = field(default_factory=lambda: ["copy", "sort", "add"])
+    method: str = "ties"
+    params: dict[str, Any] = field(default_factory=dict)
+    base_steps: int = 600
+    finetune_steps: int = 150
+    finetune_lr: float = 1e-3
+    cache_dir: str = "outputs/pipeline_cache"
 
 
 @dataclass
@@ -169,16 +203,70 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
-    init_from: str | None = None  # .ckpt, model.safetensors, or an exported model directory
+    # ``_target_`` nodes, instantiated with hydra.utils.instantiate (conf/logger/*.yaml, conf/callbacks/*.yaml).
+    # logger: one Lightning logger (None: none). callbacks: name -> node; a node set to None is left out.
+    logger: dict[str, Any] | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    # Start from weights only (fresh optimizer, step 0): a .ckpt, model.safetensors or an exported model directory.
+    init_from: str | None = None
+    # Resume a run in its own directory (hydra.run.dir=<run dir>): "last" (the run's last.ckpt) or a .ckpt path.
+    # Restores optimizer, LR schedule, step, RNG states and data position. Exclusive with init_from.
+    ckpt_path: str | None = None
+    merge: PipelineConfig = field(default_factory=PipelineConfig)  # experiment=pipeline only
     seed: int = 0
     output_dir: str = MISSING  # set by conf/train.yaml to the Hydra run directory
 
 
+def unknown_keys(cfg: Any, prefix: str = "") -> Iterator[str]:
+    """Keys of ``cfg`` (a schema instance from ``OmegaConf.to_object``) that its schema does not declare.
+
+    Hydra's ``+key=value`` adds a key with the struct flag lifted, and ``OmegaConf.to_object`` then sets it as a
+    plain attribute of the dataclass, where nothing reads it (``+model.d_modle=64`` would train the default model).
+    """
+    if not is_dataclass(cfg):
+        return
+    declared = {f.name for f in fields(cfg)}
+    for name in vars(cfg):
+        if name not in declared:
+            yield f"{prefix}{name} (not in {type(cfg).__name__})"
+    for f in fields(cfg):
+        yield from unknown_keys(getattr(cfg, f.name), f"{prefix}{f.name}.")
+
+
+def _required(key: str, *alternatives: str, _root_: Any) -> None:
+    """``${required:init_from,ckpt_path}``: a value a config group needs from the command line. (``???`` cannot
+    say it: merged onto the ``null`` of train.yaml, MISSING keeps the ``null``.) None when one of ``alternatives``
+    is set, else an error naming ``key``."""
+    if any(OmegaConf.select(_root_, k) is not None for k in alternatives):
+        return None
+    hint = "".join(f", or {k}=..." for k in alternatives)
+    raise ValueError(f"{key} is required by this configuration: add {key}=...{hint} to the command line")
+
+
+def _config_groups(*groups: str) -> str:
+    """``${config_groups:model,router}``: Hydra's listing of these config groups and their options, for a help
+    template (``$APP_CONFIG_GROUPS`` would list every group in conf/, the other tool's included)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    return hydra.format_config_groups(lambda group: group in groups) if hydra else ""
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers the YAML files in conf/ use (idempotent)."""
+    import omegaconf
+
+    # OmegaConf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is the legacy one)
+    new_api = tuple(int(x) for x in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+    register = OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver
+    register("required", _required, replace=True)
+    register("config_groups", _config_groups, replace=True)
+
+
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    """Register the schemas with Hydra's ConfigStore, and the resolvers (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

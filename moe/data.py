@@ -16,6 +16,7 @@ Tasks (n = ``seq_symbols``, symbols drawn from an alphabet of ``num_symbols``):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -212,7 +213,74 @@ def _identity(batch):
     return batch
 
 
+class _SkipBatches:
+    """The batch sampler ``batches`` without its first ``skip`` batches (indices only: no data is loaded)."""
+
+    def __init__(self, batches, skip: int):
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.skip)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning checkpoints and restores (``state_dict``/``load_state_dict``: Lightning
+    saves them for every train loader that has both), so a resumed run sees exactly the batches an uninterrupted
+    run would.
+
+    The state is the shuffling generator's state when the current epoch started and the number of batches handed
+    out since. Restoring it replays the epoch's permutation and skips the batches already trained on, at the index
+    level. Lightning fetches a sized loader's batches one at a time, so at a checkpoint the count is the number of
+    batches trained on.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch_start: torch.Tensor | None = None  # generator state at the start of the current epoch
+        self._served = 0  # batches handed out in the current epoch
+        self._skip = 0  # batches to leave out of the epoch being started (set while resuming)
+        self._resume: dict | None = None
+
+    @property
+    def _index_sampler(self):
+        batches = super()._index_sampler
+        return _SkipBatches(batches, self._skip) if self._skip else batches
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            if self.generator is not None and state["generator"] is not None:
+                self.generator.set_state(state["generator"])
+            skip = state["served"]
+        self._epoch_start = self.generator.get_state() if self.generator is not None else None
+        self._skip = skip
+        try:
+            batches = super().__iter__()
+        finally:
+            self._skip = 0
+        self._served = skip
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        if self._epoch_start is None or self._served >= len(self):
+            # Not started, or the epoch is over: the next epoch starts from the generator's current state.
+            gen = self.generator.get_state() if self.generator is not None else None
+            return {"generator": gen, "served": 0}
+        return {"generator": self._epoch_start, "served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+
 class MultiTaskDataModule(L.LightningDataModule):
+    task_names = list(ALL_TASKS)  # task_id indexes this list (routing statistics)
+
     def __init__(self, cfg: DataConfig):
         super().__init__()
         validate_data_config(cfg)
@@ -232,7 +300,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(
+        return ResumableDataLoader(
             SplitDataset(self.train_split),
             batch_size=self.cfg.batch_size,
             shuffle=True,

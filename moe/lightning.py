@@ -1,4 +1,8 @@
-"""LightningModule for the MoE transformer: target-token loss + router losses, per-task accuracy, routing stats."""
+"""LightningModule for the MoE transformer: target-token loss + router losses, per-task accuracy.
+
+Routing statistics and router schedules live in callbacks (``moe.callbacks``), which read the layers' routing
+results themselves; this module only adds the router losses to the training loss.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from torchmetrics import MeanMetric
 from moe.config import ModelConfig, OptimConfig, RouterConfig
 from moe.data import ALL_TASKS
 from moe.evaluate import target_loss_and_correct
+from moe.losses import router_loss
 from moe.model import MoETransformer
-from moe.stats import routing_stats
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -26,6 +30,14 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class MoELitModule(L.LightningModule):
+    """Target-token cross-entropy plus the router losses (``moe.losses.router_loss``).
+
+    objective "tasks" (the embedded multi-task data): validation logs ``val/acc/<task>``, ``val/mean_accuracy``,
+    ``val/mean_accuracy_trained`` (over the evaluated tasks in ``train_tasks``) and ``val/loss``. objective "lm"
+    (byte-level text, ``moe.pycode``): ``val/bpb/<domain>``, ``val/bpb`` and ``val/loss`` (bits per byte = nats /
+    ln 2; every scored token is one byte). ``task_names``: what a batch's ``task_id`` indexes.
+    """
+
     def __init__(
         self,
         model: ModelConfig,
@@ -33,17 +45,23 @@ class MoELitModule(L.LightningModule):
         optim: OptimConfig,
         max_steps: int,
         eval_tasks: list[str] | None = None,
-        log_expert_fractions: bool = True,
+        train_tasks: list[str] | None = None,
+        task_names: list[str] | None = None,
+        objective: str = "tasks",
     ):
         super().__init__()
+        if objective not in ("tasks", "lm"):
+            raise ValueError(f"objective={objective!r}: expected 'tasks' or 'lm'")
         self.save_hyperparameters(
             {"model": asdict(model), "router": asdict(router), "optim": asdict(optim), "max_steps": max_steps}
         )
         self.model = MoETransformer(model, router)
         self.router_cfg, self.optim_cfg, self.max_steps = router, optim, max_steps
-        self.eval_tasks = list(eval_tasks or ALL_TASKS)
-        self.log_expert_fractions = log_expert_fractions
-        self.val_acc = nn.ModuleDict({t: MeanMetric() for t in self.eval_tasks})
+        self.task_names, self.objective = list(task_names or ALL_TASKS), objective
+        self.eval_tasks = list(eval_tasks or self.task_names)
+        # val/mean_accuracy_trained averages the evaluated tasks the run trains on (all evaluated ones if none is)
+        self.trained_tasks = [t for t in self.eval_tasks if t in (train_tasks or self.eval_tasks)] or self.eval_tasks
+        self.val_task = nn.ModuleDict({t: MeanMetric() for t in self.eval_tasks})  # accuracy, or loss for "lm"
         self.val_loss = MeanMetric()
 
     def forward(self, tokens: torch.Tensor):
@@ -53,54 +71,44 @@ class MoELitModule(L.LightningModule):
         tokens, mask = batch["tokens"], batch["target_mask"]
         logits, routings = self.model(tokens[:, :-1])
         loss_B, correct_B = target_loss_and_correct(logits, tokens, mask)
-        return loss_B.mean(), correct_B, routings
+        return loss_B, correct_B, routings
 
     def training_step(self, batch, batch_idx):
-        ce, correct, routings = self._step(batch)
-        aux = torch.stack([r.aux_loss for r in routings]).sum()
-        z = torch.stack([r.z_loss for r in routings]).sum()
-        extra = sum((v for r in routings for v in r.extra_losses.values()), torch.zeros((), device=ce.device))
-        loss = ce + self.router_cfg.aux_loss_coef * aux + self.router_cfg.z_loss_coef * z + extra
-        bs = batch["tokens"].shape[0]
-        self.log_dict(
-            {"train/loss": loss, "train/ce": ce, "train/exact_match": correct.float().mean()},
-            prog_bar=True,
-            batch_size=bs,
-        )
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            stats = {}
-            for i, r in enumerate(routings):
-                stats.update(routing_stats(r, f"moe/layer{i}", per_expert=self.log_expert_fractions))
-            self.log_dict(stats, batch_size=bs)
+        loss_B, correct, routings = self._step(batch)
+        ce = loss_B.mean()
+        loss = ce + router_loss(routings, self.router_cfg.aux_loss_coef, self.router_cfg.z_loss_coef).to(ce)
+        quality = {"train/bpb": ce / math.log(2)} if self.objective == "lm" else {
+            "train/exact_match": correct.float().mean()}  # fmt: skip
+        self.log_dict({"train/loss": loss, "train/ce": ce, **quality}, prog_bar=True,
+                      batch_size=batch["tokens"].shape[0])  # fmt: skip
         return loss
 
-    def on_train_batch_start(self, batch, batch_idx):
-        for m in self.model.modules():
-            if hasattr(m, "anneal"):  # Gumbel routers: temperature schedule by optimizer step
-                m.anneal(self.global_step)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        for m in self.model.modules():
-            if hasattr(m, "update_bias"):  # auxiliary-loss-free bias: sign rule after the optimizer step
-                m.update_bias()
-
     def validation_step(self, batch, batch_idx):
-        ce, correct, _ = self._step(batch)
-        self.val_loss.update(ce, weight=batch["tokens"].shape[0])
+        loss_B, correct, _ = self._step(batch)
+        self.val_loss.update(loss_B.mean(), weight=batch["tokens"].shape[0])
+        value = loss_B if self.objective == "lm" else correct.float()
         for t in self.eval_tasks:
-            sel = batch["task_id"] == ALL_TASKS.index(t)
+            sel = batch["task_id"] == self.task_names.index(t)
             if sel.any():
-                self.val_acc[t].update(correct[sel].float())
+                self.val_task[t].update(value[sel])
 
     def on_validation_epoch_end(self):
-        accs = {f"val/acc/{t}": m.compute() for t, m in self.val_acc.items() if m.update_called}
-        if not accs:  # e.g. a sanity check that saw no full task
+        per = {t: m.compute() for t, m in self.val_task.items() if m.update_called}
+        if not per:  # e.g. a sanity check that saw no full task
             return
         # torchmetrics has already summed the metrics over ranks; sync_dist averages equal values (no-op)
-        self.log_dict(accs, sync_dist=True)
-        self.log("val/mean_accuracy", torch.stack(list(accs.values())).mean(), prog_bar=True, sync_dist=True)
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
-        for m in [*self.val_acc.values(), self.val_loss]:
+        val_loss = self.val_loss.compute()
+        if self.objective == "lm":
+            self.log_dict({f"val/bpb/{t}": v / math.log(2) for t, v in per.items()}, sync_dist=True)
+            self.log("val/bpb", val_loss / math.log(2), prog_bar=True, sync_dist=True)
+        else:
+            self.log_dict({f"val/acc/{t}": v for t, v in per.items()}, sync_dist=True)
+            self.log("val/mean_accuracy", torch.stack(list(per.values())).mean(), prog_bar=True, sync_dist=True)
+            trained = [per[t] for t in self.trained_tasks if t in per]
+            if trained:  # what a fine-tune's best checkpoint is chosen by
+                self.log("val/mean_accuracy_trained", torch.stack(trained).mean(), sync_dist=True)
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        for m in [*self.val_task.values(), self.val_loss]:
             m.reset()
 
     def configure_optimizers(self):

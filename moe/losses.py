@@ -56,6 +56,17 @@ def load_balancing_loss(
     return num_experts * torch.dot(f_E, P_E)
 
 
+def router_loss(routings, aux_loss_coef: float, z_loss_coef: float) -> torch.Tensor:
+    """The router's share of the training loss, over a model's layers (``RoutingResult`` each); the one place the
+    coefficients are applied: ``aux_coef * sum aux + z_coef * sum z + sum extra`` (extra losses come scaled)."""
+    if not routings:
+        return torch.zeros(())
+    aux = torch.stack([r.aux_loss for r in routings]).sum()
+    z = torch.stack([r.z_loss for r in routings]).sum()
+    extra = [v for r in routings for v in r.extra_losses.values()]
+    return aux_loss_coef * aux + z_loss_coef * z + (torch.stack(extra).sum() if extra else 0.0)
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` over ``[T, E]`` logits (computed in fp32)."""
     if logits.shape[0] == 0:

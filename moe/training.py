@@ -1,46 +1,268 @@
-"""One training run from a TrainConfig: data, model, Lightning Trainer, final evaluation, exports, results.json."""
+"""One training run from a TrainConfig: data, model, Lightning Trainer (logger and callbacks from their config
+nodes), final evaluation, exports, results.json; ``ckpt_path`` resumes an interrupted run exactly."""
 
 from __future__ import annotations
 
+import csv
+import inspect
 import json
+import logging
 import os
+import random
+import shutil
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from moe.config import LoggerConfig, TrainConfig, TrainerConfig
+from moe.config import DataConfig, TrainConfig, TrainerConfig, unknown_keys
 from moe.data import MultiTaskDataModule
 from moe.evaluate import evaluate_tasks
 from moe.export import LIGHTNING_PREFIX, atomic_write, export_model, load_checkpoint, load_weights_into
 from moe.lightning import MoELitModule
 from moe.model import MoETransformer
 
-
-def build_logger(cfg: LoggerConfig, save_dir: str) -> Logger:
-    if cfg.kind == "csv":
-        return CSVLogger(save_dir=save_dir, name="csv")
-    if cfg.kind == "wandb":
-        if cfg.mode not in ("offline", "online"):
-            raise ValueError(f"logger.mode={cfg.mode!r}: expected 'offline' or 'online'")
-        return WandbLogger(project=cfg.project, name=cfg.name, save_dir=save_dir, mode=cfg.mode)
-    raise ValueError(f"logger.kind={cfg.kind!r}: expected 'wandb' or 'csv'")
+# Keys of a resumed run's config that must equal the checkpoint's: they shape the weights. (The trainer, the
+# parallel layout, the logger and the callbacks may change: a run saved at EP=2 resumes at EP=1.)
+RESUME_FIXED = ("model", "router", "data", "optim", "seed")
 
 
-def accuracy_table(accs: dict[str, float], title: str) -> Table:
+class _NoTips(logging.Filter):
+    """Lightning logs a litlogger advertisement ("💡 Tip: ...") at every Trainer start; no flag turns it off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_noise() -> None:
+    """Silence, at their source, the messages every run would print for nothing (idempotent)."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
+    # Lightning's CombinedLoader still builds torch's deprecated LeafSpec() (torch: use treespec_leaf()).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+def build_logger(node: dict[str, Any] | None, version: Any = None) -> Logger | None:
+    """The Lightning logger of a ``_target_`` node (None: no logger). ``version``: the version a resumed run logs
+    into (its CSV version directory, its wandb run id), unless the node sets one."""
+    if not node:
+        return None
+    kwargs = {}
+    if version is not None and node.get("version") is None:
+        if "version" in inspect.signature(get_class(node["_target_"])).parameters:
+            kwargs["version"] = version
+    try:
+        logger = instantiate(node, **kwargs)
+    except Exception as e:
+        raise ValueError(f"logger ({node.get('_target_')}): {e}") from e
+    if not isinstance(logger, Logger):
+        raise TypeError(f"logger: {node.get('_target_')} is not a Lightning logger")
+    if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+        # Lightning always hands wandb.init anonymous=None, which wandb >= 0.23 warns has no effect.
+        logger._wandb_init.pop("anonymous")
+    return logger
+
+
+def build_callbacks(nodes: dict[str, Any], progress_bar: bool = True) -> list[Callback]:
+    """The callbacks of the ``name -> _target_ node`` mapping, in order; a node set to None is left out, and so is
+    a progress bar when the trainer runs without one (``trainer.enable_progress_bar=false``)."""
+    callbacks = []
+    for name, node in nodes.items():
+        if not node:
+            continue
+        try:
+            callback = instantiate(node)
+        except Exception as e:
+            raise ValueError(f"callbacks.{name}: {e}") from e
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks.{name}: {node.get('_target_')} is not a Lightning callback")
+        if isinstance(callback, ProgressBar) and not progress_bar:
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
+def short_metric_name(key: str) -> str:
+    """``train/exact_match`` -> ``em``, ``val/mean_accuracy`` -> ``val_acc``: progress-bar names that fit."""
+    for long, short in (("train/", ""), ("val/", "val_"), ("exact_match", "em"), ("mean_accuracy", "acc")):
+        key = key.replace(long, short)
+    return key
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's RichProgressBar counting the run's optimizer steps (``step 120/1300``) instead of one epoch's
+    batches (``Epoch 1/-2`` in a run bounded by max_steps), with short metric names (``em``, ``val_acc``), a
+    shorter bar and no it/s column, so that the line fits 120 columns. ``hide``: metrics left off the bar (they
+    are still logged); ``train/ce`` is the loss without its small router terms."""
+
+    def __init__(self, hide: list[str] | tuple[str, ...] = ("train/ce",), bar_width: int = 20, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.hide, self.bar_width = set(hide), bar_width
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
+        from rich.progress import BarColumn
+
+        columns = [c for c in super().configure_columns(trainer) if not isinstance(c, ProcessingSpeedColumn)]
+        for column in columns:
+            if isinstance(column, BarColumn):
+                column.bar_width = self.bar_width
+        return columns
+
+    @property
+    def total_train_batches(self) -> int | float:
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'step':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.train_progress_bar_id is None:  # one bar for the run, not one per epoch
+            super().on_train_epoch_start(trainer, pl_module)
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger's version: the run directory says it
+        return {short_metric_name(k): v for k, v in items.items() if k not in self.hide}
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps and at the last step: what ``ckpt_path=last``
+    resumes. (A ModelCheckpoint with ``save_last`` writes it only when it saves a checkpoint of its own.) When a
+    validation follows the step, the checkpoint is written after it: a resumed run does not validate again."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 100, **kwargs: Any):
+        if every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps={every_n_train_steps}: expected >= 1")
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True,
+                         enable_version_counter=False, **kwargs)  # fmt: skip
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        last = trainer.should_stop or 0 < trainer.max_steps <= step  # (should_stop: max_time, early stopping)
+        if (step % self._every_n_train_steps and not last) or self._should_skip_saving_checkpoint(trainer):
+            return
+        if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class _ValidateAtLastStep(Callback):
+    """Validate after the last step too: a run's last step is rarely a multiple of ``val_check_interval``, and
+    Lightning validates mid-epoch when ``should_stop`` is set."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python) in types ``torch.load(weights_only=True)`` reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+
+
+class _RunState(Callback):
+    """What resuming needs beyond Lightning's checkpoint: the global RNG states (Lightning saves none; restored when
+    training restarts, after any sanity check), the loggers' versions (a resumed run logs into the same CSV version
+    and wandb run) and the run's configuration (a resume with another one is refused)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self._rng: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["logger_versions"] = [logger.version for logger in trainer.loggers]
+        checkpoint["train_config"] = self.config
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self._rng = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._rng is not None:
+            set_rng_states(self._rng)
+            self._rng = None
+
+
+def accuracy_table(accs: dict[str, float], title: str, column: str | None = None) -> Table:
     table = Table(title=title)
     table.add_column("task")
-    table.add_column("exact match", justify="right")
+    table.add_column(column or "exact match", justify="right")
     for task, acc in accs.items():
         table.add_row(task, f"{acc:.3f}")
     table.add_row("[bold]mean[/bold]", f"[bold]{sum(accs.values()) / len(accs):.3f}[/bold]")
     return table
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse, before any work, a configuration that cannot train as asked, naming the key."""
+    unknown = list(unknown_keys(cfg))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s): {', '.join(unknown)}; a key added with + must be one the schema "
+            "(moe.config.TrainConfig) declares"
+        )
+    if cfg.ckpt_path and cfg.init_from:
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from}: give one. ckpt_path resumes a run (weights, "
+            "optimizer, LR schedule, step, data position); init_from starts a new run from weights only"
+        )
+    t, o = cfg.trainer, cfg.optim
+    for ok, message in (
+        (t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: expected >= 1 (training is counted in steps)"),
+        (t.val_check_interval >= 1, f"trainer.val_check_interval={t.val_check_interval}: expected >= 1 (steps)"),
+        (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps={t.log_every_n_steps}: expected >= 1"),
+        (o.lr > 0, f"optim.lr={o.lr}: expected > 0"),
+        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: expected >= 0"),
+        (all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)}: expected two values in [0, 1)"),
+        (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: expected >= 0"),
+        (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: expected in [0, 1] (final LR = lr * it)"),
+    ):
+        if not ok:
+            raise ValueError(message)
 
 
 def check_parallel(cfg: TrainConfig) -> None:
@@ -61,6 +283,17 @@ def check_parallel(cfg: TrainConfig) -> None:
         )
 
 
+def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
+    """``data.kind``: the embedded multi-task data, or the stdlib byte-level LM (``moe.pycode``)."""
+    if cfg.kind == "multitask":
+        return MultiTaskDataModule(cfg)
+    if cfg.kind == "pycode":
+        from moe.pycode import PyCodeDataModule
+
+        return PyCodeDataModule(cfg.pycode)
+    raise ValueError(f"data.kind={cfg.kind!r}: expected 'multitask' or 'pycode'")
+
+
 def build_trainer(tc: TrainerConfig, **runtime) -> L.Trainer:
     """``lightning.Trainer`` from its config node (the strategy node instantiated with it); ``runtime`` adds what
     the run decides (logger, callbacks, directories)."""
@@ -69,19 +302,96 @@ def build_trainer(tc: TrainerConfig, **runtime) -> L.Trainer:
     return instantiate(node, check_val_every_n_epoch=None, enable_model_summary=False, **runtime, **tc.extra)
 
 
+def resume_path(ckpt_path: str, callbacks: list[Callback]) -> Path:
+    """The checkpoint ``ckpt_path`` names: ``last`` is the run's ``last.ckpt`` (where the callback saving it
+    writes), anything else a path. Refused when it is not there."""
+    if ckpt_path != "last":
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return path
+    lasts = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+             for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath]  # fmt: skip
+    if not lasts:
+        raise ValueError("ckpt_path=last: no callback saves last.ckpt (callbacks.last_checkpoint is left out); give "
+                         "the checkpoint's path")  # fmt: skip
+    if not lasts[0].is_file():
+        raise FileNotFoundError(
+            f"ckpt_path=last: no {lasts[0]}. Resume in the interrupted run's own directory: add "
+            "hydra.run.dir=<that run directory> (or give ckpt_path=<a .ckpt>)"
+        )
+    return lasts[0]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any] | None, path: Path) -> None:
+    """Refuse to resume a run with settings that shape the weights (RESUME_FIXED) other than its own."""
+    if not saved:
+        return  # a checkpoint written before the configuration was saved in it
+    config = asdict(cfg)
+    here = _flat({k: config[k] for k in RESUME_FIXED})
+    there = _flat({k: saved.get(k) for k in RESUME_FIXED})
+    differ = [f"{k}={there.get(k)} there, {v} here" for k, v in here.items() if k != "data.num_workers"
+              and there.get(k) != v]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"ckpt_path={path}: this configuration differs from the checkpoint's run: {'; '.join(differ)}. Resume "
+            "with the run's own overrides plus ckpt_path=... hydra.run.dir=<its run directory>"
+        )
+
+
+@rank_zero_only  # (Lightning's DDP launcher runs this script again in every other process)
+def _continue_csv(logger: CSVLogger, step: int) -> None:
+    """Resume into the same ``metrics.csv``: keep its rows logged before the checkpoint's step (later ones are
+    logged again) instead of the empty file Lightning's writer would start."""
+    log_dir = Path(logger.log_dir)
+    metrics = log_dir / "metrics.csv"
+    rows = []
+    if metrics.is_file():
+        with metrics.open(newline="") as f:
+            rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        rows = [row for row in rows if int(float(row.get("step", 0))) < step]
+    for name in ("metrics.csv", "hparams.yaml"):  # rewritten below and by log_hyperparams
+        (log_dir / name).unlink(missing_ok=True)
+    writer = logger.experiment
+    if rows:
+        writer.metrics.extend(rows)
+        writer.save()
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate every eval task, export ``model.safetensors`` + ``config.json``; returns results.json's dict.
+
+    With ``ckpt_path``, resume the interrupted run from its checkpoint: optimizer, LR schedule, step, RNG states
+    and data position, logging into the same logger version and checkpoint files.
 
     Under a distributed strategy every rank runs this; rank 0 alone evaluates and writes the export, from the full
     (gathered) weights in an unsharded model, so results.json is what the export gives at EP=1.
     """
+    check_train_config(cfg)
     check_parallel(cfg)
+    quiet_known_noise()
     out = Path(cfg.output_dir)
+    callbacks = build_callbacks(cfg.callbacks, cfg.trainer.enable_progress_bar)
+    resume = resume_path(cfg.ckpt_path, callbacks) if cfg.ckpt_path else None
+    saved: dict[str, Any] = {}
+    if resume:
+        try:
+            saved = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"ckpt_path={resume}: not a readable Lightning checkpoint ({e})") from e
+        check_resume_config(cfg, saved.get("train_config"), resume)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    dm = MultiTaskDataModule(cfg.data)
-    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    dm = build_datamodule(cfg.data)
+    source = cfg.init_from or resume
+    init = load_checkpoint(source) if source else None
     # Starting from a checkpoint: its recorded architecture wins over model.* (the weights must fit it).
     model_cfg = init.model if init and init.model else cfg.model
     model_cfg = replace(
@@ -94,31 +404,30 @@ def run(cfg: TrainConfig) -> dict:
             f"model.vocab_size={model_cfg.vocab_size}, model.max_seq_len={model_cfg.max_seq_len}: the data needs "
             f">= {dm.vocab.size} and >= {dm.seq_len}"
         )
+    lm = cfg.data.kind == "pycode"
     module = MoELitModule(
-        model_cfg, cfg.router, cfg.optim, cfg.trainer.max_steps, dm.eval_tasks, cfg.logger.log_expert_fractions
-    )
-    if init:
+        model_cfg, cfg.router, cfg.optim, cfg.trainer.max_steps, eval_tasks=dm.eval_tasks,
+        train_tasks=cfg.data.pycode.domains if lm else cfg.data.tasks, task_names=dm.task_names,
+        objective="lm" if lm else "tasks",
+    )  # fmt: skip
+    if cfg.init_from:
         load_weights_into(module.model, init)
+    init = None  # (its weights: Lightning loads a resumed run's checkpoint itself)
 
-    logger = build_logger(cfg.logger, str(out))
-    ckpt_dir = out / "checkpoints"
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best-step{step}",
-            auto_insert_metric_name=False,
-            monitor=cfg.callbacks.monitor,
-            mode="max",
-            save_top_k=cfg.callbacks.save_top_k,
-            save_last=True,
-        ),
-        LearningRateMonitor(logging_interval="step"),
-    ]
-    if cfg.callbacks.rich_progress and cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar())
-    trainer = build_trainer(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out))
+    versions = saved.get("logger_versions") or [None]
+    logger = build_logger(cfg.logger, version=versions[0])
+    if resume and isinstance(logger, CSVLogger):
+        _continue_csv(logger, saved.get("global_step", 0))
+    config = asdict(cfg)
+    callbacks += [_RunState(config), _ValidateAtLastStep()]
+    trainer = build_trainer(cfg.trainer, logger=logger or False, callbacks=callbacks, default_root_dir=str(out))
+    if logger:
+        logger.log_hyperparams(config)  # the whole run's configuration (the module adds its effective model)
     try:
-        trainer.fit(module, datamodule=dm)
+        if resume and trainer.is_global_zero:
+            print(f"resuming from {resume} (step {saved.get('global_step')})")
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+        ckpt_dir = out / "checkpoints"
         final_ckpt = ckpt_dir / "final.ckpt"
         trainer.save_checkpoint(final_ckpt, weights_only=False)  # full state, resumable
         state = full_model_state(trainer)  # a collective under expert parallelism: every rank takes part
@@ -127,21 +436,28 @@ def run(cfg: TrainConfig) -> dict:
         model = MoETransformer(model_cfg, cfg.router)
         model.load_state_dict(state)
         model.to(trainer.strategy.root_device)
-        accs = evaluate_tasks(model, dm.val_split)
-        mean = sum(accs.values()) / len(accs)
-        logger.log_metrics(
-            {**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean}, step=trainer.global_step
-        )
+        if lm:
+            from moe.pycode import evaluate_bits_per_byte
+        if lm:  # bits per byte per held-out domain, and over all of them
+            bpb = evaluate_bits_per_byte(model, dm.val_split)
+            finals = {**{f"final/bpb/{d}": v for d, v in bpb.items() if d != "all"}, "final/bpb": bpb["all"]}
+        else:
+            accs = evaluate_tasks(model, dm.val_split)
+            mean = sum(accs.values()) / len(accs)
+            finals = {**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean}
+        for lg in trainer.loggers:
+            lg.log_metrics(finals, step=trainer.global_step)
+            lg.save()  # Lightning flushed the loggers when fit ended, before these
         weights = export_model(model, out / "export")
-        results = {
-            "tasks": accs,
-            "mean_accuracy": mean,
-            "checkpoint": str(final_ckpt.resolve()),
-            "safetensors": str(weights.resolve()),
-            "steps": trainer.global_step,
-        }
+        where = {"checkpoint": str(final_ckpt.resolve()), "safetensors": str(weights.resolve()),
+                 "steps": trainer.global_step}  # fmt: skip
+        if lm:
+            results = {"bits_per_byte": {d: v for d, v in bpb.items() if d != "all"}, "bpb": bpb["all"], **where}
+        else:
+            results = {"tasks": accs, "mean_accuracy": mean, **where}
         atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
-        Console().print(accuracy_table(accs, f"Exact match on validation after {trainer.global_step} steps"))
+        title = f"{'Bits per byte' if lm else 'Exact match'} on validation after {trainer.global_step} steps"
+        Console().print(accuracy_table(results["bits_per_byte"] if lm else accs, title, "bits/byte" if lm else None))
         print(f"results: {out / 'results.json'}\nexport:  {weights.parent}")
         return results
     finally:
@@ -168,3 +484,31 @@ def configure_threads() -> None:
     """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+class RemoveRefusedRunDir(HydraCallback):
+    """Hydra callback (conf/train.yaml): a failed run leaves no directory behind when Hydra created it for this run
+    and it holds nothing but Hydra's own files (``.hydra/``, the job's ``.log``): a refused configuration, or a
+    failure before training wrote anything. A directory that existed before the run is never removed."""
+
+    def __init__(self) -> None:
+        self._created: Path | None = None
+
+    def on_run_start(self, config, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        self._created = None if run_dir.exists() else run_dir
+
+    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
+        run_dir, self._created = self._created, None
+        if run_dir is None or job_return.status != JobStatus.FAILED or os.environ.get("RANK", "0") != "0":
+            return
+        if Path(str(config.hydra.runtime.output_dir)).absolute() != run_dir:
+            return
+        subdir = config.hydra.output_subdir
+
+        def hydra_own(p: Path) -> bool:
+            parts = p.relative_to(run_dir).parts
+            return p.is_dir() or parts[0] == subdir or (len(parts) == 1 and p.suffix == ".log")
+
+        if all(hydra_own(p) for p in run_dir.rglob("*")):
+            shutil.rmtree(run_dir, ignore_errors=True)

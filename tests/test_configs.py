@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -12,6 +13,7 @@ from merging.config import MergeConfig
 from merging.config import register_configs as register_merge
 from moe.config import TrainConfig
 from moe.config import register_configs as register_train
+from moe.training import build_callbacks, build_logger, check_train_config
 
 from .conftest import CONF
 
@@ -42,7 +44,10 @@ def test_every_train_option_composes(group, option):
 
 def test_group_options_actually_apply():
     assert compose_train(["model=tiny"]).model.d_model == 32
-    assert compose_train(["logger=csv"]).logger.kind == "csv"
+    assert compose_train(["logger=csv"]).logger["_target_"] == "lightning.pytorch.loggers.CSVLogger"
+    assert compose_train(["logger.mode=online", "logger.project=p"]).logger == {
+        "_target_": "lightning.pytorch.loggers.WandbLogger", "save_dir": "/tmp/x", "project": "p", "name": None,
+        "mode": "online"}  # fmt: skip
     ft = compose_train(["experiment=finetune", "data.tasks=[sort,add]", "init_from=/a.ckpt"])
     assert ft.data.tasks == ["sort", "add"] and ft.init_from == "/a.ckpt" and ft.trainer.max_steps == 300
 
@@ -58,6 +63,25 @@ def test_every_merge_method_composes(method):
     assert set(merged.method.params()) <= set(METHODS[method].params)
 
 
+def test_callbacks_and_logger_are_target_nodes_users_can_change_drop_and_add():
+    timer = "+callbacks.timer={_target_: lightning.pytorch.callbacks.Timer, duration: '00:00:01:00'}"
+    cfg = compose_train(["callbacks.model_checkpoint.save_top_k=3", "~callbacks.rich_progress", timer])
+    callbacks = build_callbacks(cfg.callbacks)
+    names = ["ModelCheckpoint", "LastCheckpoint", "LearningRateMonitor", "RouterScheduleCallback",
+             "RoutingStatsCallback", "Timer"]  # fmt: skip
+    assert [type(c).__name__ for c in callbacks] == names
+    assert callbacks[0].save_top_k == 3 and callbacks[0].dirpath == "/tmp/x/checkpoints"
+    assert callbacks[1].save_last and callbacks[1].dirpath == "/tmp/x/checkpoints"
+    without_bar = build_callbacks(compose_train(["callbacks.rich_progress=null"]).callbacks)
+    assert [type(c).__name__ for c in without_bar] == [n for n in names if n != "Timer"]
+    assert type(build_callbacks(compose_train([]).callbacks)[3]).__name__ == "StepProgressBar"
+    assert len(build_callbacks(compose_train([]).callbacks, progress_bar=False)) == 5  # enable_progress_bar=false
+    for name in options("logger"):
+        assert isinstance(build_logger(compose_train([f"logger={name}"]).logger), Logger)
+    with pytest.raises(ValueError, match=r"callbacks.model_checkpoint: .*save_topk"):
+        build_callbacks(compose_train(["+callbacks.model_checkpoint.save_topk=3"]).callbacks)
+
+
 def test_mistyped_key_fails_with_its_path():
     with pytest.raises(ConfigCompositionException) as err:
         compose_train(["model.d_modle=64"])
@@ -65,6 +89,15 @@ def test_mistyped_key_fails_with_its_path():
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as err:
         compose_train(["router.k=two"])
     assert "router.k" in str(err.value.__cause__ or err.value) or "k" in str(err.value)
+
+
+@pytest.mark.parametrize("override,key", [("+model.d_modle=64", "model.d_modle"), ("+trainer.foo=1", "trainer.foo"),
+                                          ("+seeed=1", "seeed")])  # fmt: skip
+def test_keys_added_with_plus_must_exist(override, key):
+    """Hydra's `+` adds a key past the schema's struct flag, and OmegaConf.to_object keeps it as a stray attribute
+    nothing reads: the run refuses it, naming it."""
+    with pytest.raises(ValueError, match=rf"unknown config key\(s\): {key} "):
+        check_train_config(compose_train([override]))
 
 
 def test_yaml_files_mirror_the_schema_defaults():

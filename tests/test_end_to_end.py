@@ -1,10 +1,13 @@
 """End to end: `python train.py` smoke run, wandb offline logging, fine-tune from a checkpoint, merge, evaluate."""
 
+import csv
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,26 +53,58 @@ def test_train_cli_smoke_run(tmp_path):
         "val/loss",
         "val/acc/sort",
         "val/mean_accuracy",
-        "moe/layer0/tokens_frac/e3",
-        "moe/layer0/imbalance_max_mean",
-        "moe/layer0/imbalance_cv",
-        "moe/layer0/entropy",
-        "moe/layer0/aux_loss",
-        "moe/layer0/z_loss",
+        "routing/train/layer0/max_mean",
+        "routing/train/layer0/cv",
+        "routing/train/layer0/eff_experts",
+        "routing/train/layer0/top1_share",
+        "routing/train/layer0/entropy",
+        "routing/train/layer0/aux_loss",
+        "routing/train/layer0/z_loss",
+        "routing/train/layer0/mi_task",
+        "routing/val/layer0/cv",
     ):
         assert key in header, key
 
 
+def wandb_records(path: Path, block: int = 32768):
+    """The protobuf records of an offline run's ``run-<id>.wandb`` (a LevelDB-style log: a 7-byte file header,
+    32 KiB blocks of chunks, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle / 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, chunks = path.read_bytes(), 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # block trailer or padding
+            pos += left
+            continue
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
 def test_wandb_offline_run_records_routing_stats(tmp_path):
-    cli("train.py", "experiment=smoke", "logger=wandb", f"hydra.run.dir={tmp_path}")
+    proc, _ = cli("train.py", "experiment=smoke", "logger=wandb", f"hydra.run.dir={tmp_path}")
+    assert "anonymous" not in proc.stdout + proc.stderr  # Lightning's anonymous=None, which wandb warns about
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    # The run's config is the whole TrainConfig, so fine-tunes and ablations can be told apart in wandb.
+    config = {u.key: json.loads(u.value_json) for r in wandb_records(runs[0]) if r.HasField("config")
+              for u in r.config.update}  # fmt: skip
+    assert set(config) >= {"model", "router", "data", "optim", "trainer", "seed", "init_from", "ckpt_path"}
+    assert config["data"]["train_per_task"] == 256 and config["trainer"]["max_steps"] == 20
     # The offline run file holds the history records as protobuf; metric names appear in it verbatim.
     records = runs[0].read_bytes()
     for key in (
-        "moe/layer0/entropy",
-        "moe/layer0/aux_loss",
-        "moe/layer0/tokens_frac/e3",
+        "routing/train/layer0/entropy",
+        "routing/train/layer0/aux_loss",
+        "routing/val/layer0/mi_task",
+        "routing/train/layer0/load_hist",
+        "routing/layer0/expert_task",
         "val/mean_accuracy",
         "val/acc/lookup",
         "final/mean_accuracy",
@@ -101,6 +136,12 @@ def test_finetune_then_merge_then_evaluate(tmp_path):
         run(train_cfg(tmp_path, task, [*common, "experiment=finetune", f"data.tasks=[{task}]",
                                        f"init_from={base['checkpoint']}", "trainer.max_steps=60", "optim.lr=0.003",
                                        "optim.warmup_steps=5"]))  # fmt: skip
+    # A fine-tune's best checkpoint is chosen by the accuracy on the tasks it trains on, not on all six.
+    rows = list(csv.DictReader((tmp_path / "copy" / "csv" / "version_0" / "metrics.csv").open()))
+    val = [r for r in rows if r.get("val/mean_accuracy_trained")]
+    assert val and all(r["val/mean_accuracy_trained"] == r["val/acc/copy"] for r in val)
+    assert train_cfg(tmp_path, "x", ["experiment=finetune", "init_from=/a.ckpt"]).callbacks["model_checkpoint"][
+        "monitor"] == "val/mean_accuracy_trained"  # fmt: skip
     base_dir, ft_dirs = tmp_path / "base" / "export", [tmp_path / t / "export" for t in ("copy", "sort")]
     cfg = MergeConfig(base=str(base_dir), models=[str(d) for d in ft_dirs], out=str(tmp_path / "merged"),
                       data=DataConfig(val_per_task=64))  # fmt: skip

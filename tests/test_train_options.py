@@ -42,7 +42,7 @@ def test_router_option_trains(tmp_path, router):
     results, ce, rows = train(tmp_path, [f"router={router}", *extra])
     check_learns(ce)
     assert set(results["tasks"]) == {"copy", "reverse", "sort", "add", "lookup", "count"}
-    assert any(r.get("moe/layer0/entropy") for r in rows)
+    assert any(r.get("routing/train/layer0/entropy") for r in rows)
 
 
 @pytest.mark.parametrize("moe", [m for m in MOE_KINDS if m != "soft"])
@@ -50,7 +50,7 @@ def test_moe_layer_option_trains(tmp_path, moe):
     _, ce, rows = train(tmp_path, [f"model/moe={moe}"])
     check_learns(ce)
     if moe == "capacity":
-        assert any(r.get("moe/layer0/dropped_fraction") for r in rows)
+        assert any(r.get("routing/train/layer0/dropped_frac") for r in rows)
 
 
 def test_refused_options_say_why(tmp_path):
