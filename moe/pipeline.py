@@ -108,9 +108,9 @@ def comparison_table(summary: dict) -> Table:
 
 
 def _log_wandb(cfg: TrainConfig, summary: dict) -> None:
-    """The comparison as a wandb Table in its own run (offline unless ``logger.mode=online``)."""
-    logger = cfg.logger
-    if getattr(logger, "kind", None) != "wandb" and "Wandb" not in str(getattr(logger, "_target_", "")):
+    """The comparison as a wandb Table in a run of its own, when the run's logger is wandb (offline by default)."""
+    node = cfg.logger or {}
+    if not str(node.get("_target_", "")).endswith("WandbLogger"):
         return
     import wandb
 
@@ -119,8 +119,8 @@ def _log_wandb(cfg: TrainConfig, summary: dict) -> None:
     rows = [[task, *[acc[label][task] for label in acc], summary["normalized"].get(task)]
             for task in next(iter(acc.values()))]  # fmt: skip
     config = {"merge": summary["method"], "params": summary["params"], "tasks": summary["tasks"]}
-    run = wandb.init(project=getattr(logger, "project", "moe-merge"), dir=cfg.output_dir,
-                     mode=getattr(logger, "mode", "offline"), name=f"pipeline-{summary['method']}", config=config)
+    run = wandb.init(project=node.get("project") or "moe-merge", dir=cfg.output_dir, mode=node.get("mode", "offline"),
+                     name=f"pipeline-{summary['method']}", config=config)  # fmt: skip
     run.log({"pipeline/comparison": wandb.Table(columns=columns, data=rows),
              "pipeline/mean_normalized": summary["mean_normalized"]})  # fmt: skip
     run.finish()

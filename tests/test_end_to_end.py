@@ -195,3 +195,23 @@ def test_train_cli_ddp_expert_parallel_exports_what_it_reports(tmp_path):
     ckpt = torch.load(results["checkpoint"], weights_only=True)
     assert ckpt["state_dict"]["model.blocks.0.moe.experts.w_gate"].shape[0] == 4  # full experts in the checkpoint
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_pipeline_multirun_over_methods_trains_base_and_finetunes_once(tmp_path):
+    """`python train.py -m experiment=pipeline merge.method=ties,task_arithmetic` on a tiny config: two jobs, one
+    base and one fine-tune per task in the shared cache, a comparison per job (pipeline.json, printed table)."""
+    cache = tmp_path / "cache"
+    args = ["-m", "experiment=pipeline", "merge.method=ties,task_arithmetic", "merge.tasks=[copy,sort]",
+            "merge.base_steps=40", "merge.finetune_steps=15", f"merge.cache_dir={cache}", "model=tiny", "logger=csv",
+            "data.train_per_task=256", "data.val_per_task=32", "data.batch_size=32",
+            "trainer.enable_progress_bar=false", "trainer.val_check_interval=1000", "optim.lr=0.01",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    proc, _ = cli("train.py", *args, timeout=300)
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["base", "finetune", "finetune"]
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/pipeline.json"))]
+    assert [s["method"] for s in summaries] == ["ties", "task_arithmetic"]
+    for s in summaries:
+        assert set(s["accuracy"]) == {"base", f"merged ({s['method']})", "fine-tune copy", "fine-tune sort"}
+        assert set(s["accuracy"]["base"]) == {"copy", "reverse", "sort", "add", "lookup", "count"}
+        assert s["base"] == summaries[0]["base"] and s["fine_tunes"] == summaries[0]["fine_tunes"]  # cached
+    assert proc.stdout.count("Pipeline: merge =") == 2  # the printed comparison tables
