@@ -91,7 +91,7 @@ def test_init_from_and_ckpt_path_are_exclusive():
 
 
 def test_resuming_with_another_configuration_is_refused_naming_the_keys(tmp_path):
-    saved = asdict(compose_train(["model=tiny"]))  # what the checkpoint holds (moe.training._RunState)
+    saved = asdict(compose_train(["model=tiny"]))  # what the checkpoint holds (moe.callbacks.RunState)
     here = compose_train(["model=tiny", "model.d_model=48", "optim.lr=0.01", "trainer.max_steps=5"])
     with pytest.raises(ValueError, match=r"model.d_model=32 there, 48 here; optim.lr=0.003 there, 0.01 here\."):
         check_resume_config(here, saved, tmp_path / "last.ckpt")
