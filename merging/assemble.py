@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+from merging.engine import Engine
 from merging.io import Checkpoint, ShardedWriter, parse_size
-from merging.merge import DTYPES, EXPERT_PATTERN, ROUTER_PATTERN, Engine, Loader, _progress, plan
+from merging.merge import MergeProgress
+from merging.plan import DTYPES, EXPERT_PATTERN, ROUTER_PATTERN, Loader, plan
 from merging.registry import METHODS
 
 
@@ -158,7 +160,7 @@ def assemble(
     try:
         engine = Engine(m, p, Loader(base_ck, model_cks), entries, 1 << 22)
         report: dict = {}
-        with _progress(progress, len(order), f"assemble ({method})") as (advance, describe):
+        with MergeProgress(progress, len(order), f"assemble ({method})") as (advance, describe):
             engine.gather_global(describe)
             for name, shape, dtype in order:
                 if name in by_name:

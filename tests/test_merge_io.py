@@ -326,7 +326,7 @@ def test_report_and_side_files(ckpts, tmp_path):
 
 @pytest.mark.parametrize("method", ["dare", "ties", "della"])
 def test_worker_threads_give_the_same_bytes_and_respect_the_memory_budget(ckpts, tmp_path, method, monkeypatch):
-    mm = importlib.import_module("merging.merge")  # the module (``merging.merge`` is also the function)
+    mm = importlib.import_module("merging.engine")
     base, fts, bdir, fdirs = ckpts
     one = load_file(merge(bdir, fdirs, tmp_path / "one", method=method, progress=False, chunk_elems=40, workers=1))
     four = load_file(merge(bdir, fdirs, tmp_path / "four", method=method, progress=False, chunk_elems=40, workers=4))
