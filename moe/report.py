@@ -7,7 +7,7 @@ Reads ``RUN_DIR/routing/stats.jsonl`` (written by ``moe.callbacks.RoutingStatsCa
 - ``load_over_training_layer{i}.png``: step x expert shares over the training records;
 - ``expert_task_layer{i}.png`` / ``expert_token_class_layer{i}.png``: expert x task (x token class) shares, summed
   over training;
-- ``loss.png`` and ``accuracy.png``: the logged curves;
+- ``loss.png``, ``accuracy.png`` (tasks) or ``bits_per_byte.png`` (text): the logged curves;
 - ``report.md``: a per-layer table of the last balance metrics, warnings (dead experts, a dominant expert) and the
   pictures.
 """
@@ -100,7 +100,8 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
                                     f"layer {i}: experts per {label}", label, "expert")  # fmt: skip
                 pictures.append(_save(fig, out / f"{fname}_layer{i}.png"))
     for name, keys, ylabel in (("loss", ("train/loss", "val/loss"), "loss"),
-                               ("accuracy", ("val/mean_accuracy", "train/exact_match"), "accuracy")):  # fmt: skip
+                               ("accuracy", ("val/mean_accuracy", "train/exact_match"), "accuracy"),
+                               ("bits_per_byte", ("train/bpb", "val/bpb"), "bits per byte")):  # fmt: skip
         series = {}
         for key in keys:
             pts = [(r["step"], r["values"][key]) for r in metric_rows if key in r["values"]]

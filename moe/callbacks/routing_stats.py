@@ -253,6 +253,8 @@ class RoutingStatsCallback(L.Callback):
 
     def _warn(self, i: int, load: torch.Tensor, step: int) -> None:
         share = load / load.sum().clamp_min(1)
+        if len(share) == 1:  # one expert (a dense model) always takes every slot
+            return
         for e in torch.nonzero(share > self.hot_share).flatten().tolist():
             if (i, e) not in self.hot:
                 self.hot.add((i, e))
