@@ -58,10 +58,10 @@ def main() -> None:
     import torch
 
     from merging import METHODS, merge
-    from merging.evaluate import load_merged
     from moe.config import DataConfig
     from moe.data import build_splits
     from moe.evaluate import evaluate_tasks
+    from moe.merge_adapter import load_any as load_merged
 
     torch.set_num_threads(2)
     start = time.perf_counter()

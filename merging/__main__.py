@@ -1,35 +1,80 @@
 """python -m merging base=PATH models=[PATH,PATH] method=ties out=DIR [method.density=0.2] [eval=true]
 
 Assemble an MoE from N fine-tunes instead: ... assemble.enabled=true [assemble.router_init=stats tasks=[sort,copy]]
+Data-aware: ... method=divmerge tasks=[sort,copy] | method=pleas models=[A,B] (no base)
+
+Everything model-specific (evaluation, search, router statistics, task data, writing divmerge/pleas outputs) goes
+through the ``adapter`` node (a ``merging.protocols.TaskAdapter``; default ``moe.merge_adapter.MoEAdapter``).
 """
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.config import MergeConfig, register_configs
+from merging.config import DATA_AWARE, MergeConfig, register_configs
 from merging.merge import merge
-from moe.config import register_resolvers
 
 register_configs()
-register_resolvers()  # conf/merge.yaml's help lists its own config groups (${config_groups:method})
 
 
-def evaluate_merge(cfg: MergeConfig) -> dict[str, dict[str, float]]:
+def make_adapter(cfg: MergeConfig):
+    """The ``adapter`` node, instantiated: its ``_target_`` only (Hydra 1.4's execution whitelist holds just it)."""
+    if not isinstance(cfg.adapter, dict) or "_target_" not in cfg.adapter:
+        raise ValueError(f"adapter={cfg.adapter!r}: expected a node with _target_ (e.g. moe.merge_adapter.MoEAdapter)")
+    allow = "_execution_whitelist_" in inspect.signature(hydra.utils.instantiate).parameters
+    return hydra.utils.instantiate(cfg.adapter, **({"_execution_whitelist_": cfg.adapter["_target_"]} if allow else {}))
+
+
+def evaluate_merge(cfg: MergeConfig, adapter=None) -> dict[str, dict[str, float]]:
     """Per-task exact match of the merged model and of every input on the embedded validation split; prints the
     absolute and normalized accuracies. Returns ``{"merged" | "base" | "model{i}": {task: accuracy}}``."""
     from rich.console import Console
 
     from merging.evaluate import accuracy_table, evaluate_paths
 
-    results, norm, owners = evaluate_paths(cfg.out, cfg.base, list(cfg.models), cfg.data, cfg.tasks,
+    adapter = adapter if adapter is not None else make_adapter(cfg)
+    results, norm, owners = evaluate_paths(cfg.out, cfg.base, list(cfg.models), cfg.data, adapter, cfg.tasks,
                                            progress=cfg.progress)  # fmt: skip
     Console().print(accuracy_table(results, norm, owners))
     return results
 
 
-def run(config: MergeConfig):
+def merge_data_aware(config: MergeConfig, adapter) -> Path:
+    """``method=divmerge`` (base, one task spec per model) or ``method=pleas`` (exactly two models), on the
+    adapter's unlabeled training inputs; the adapter writes the merged model to ``out``."""
+    name, params, models = config.method.name, config.method.params(), list(config.models)
+    out = Path(config.out)
+    if any(out.glob("*.safetensors")) and not config.overwrite:
+        raise FileExistsError(f"out={out}: merged weights exist; pass overwrite=true to replace them")
+    if name == "pleas":
+        from merging.pleas import pleas
+
+        if len(models) != 2:
+            raise ValueError(f"models: PLeaS merges exactly two models, got {len(models)}")
+        spec = "+".join(dict.fromkeys(t for s in config.tasks for t in s.split("+"))) if config.tasks else None
+        model = pleas(models[0], models[1], adapter.unlabeled(config.data, task=spec), adapter, **params).model
+    else:
+        from merging.divmerge import divmerge
+
+        if config.base is None:
+            raise ValueError("base: method=divmerge needs base=PATH (the model the fine-tunes share)")
+        if config.tasks is None or len(config.tasks) != len(models):
+            raise ValueError(f"tasks: method=divmerge needs one task spec per model ({len(models)}), e.g. [sort,copy]")
+        prompts = [adapter.unlabeled(config.data, task=t, prompts=True) for t in config.tasks]
+        lengths = [adapter.answer_length(config.data, t) for t in config.tasks]
+        model = divmerge(config.base, models, prompts, adapter, max_new_tokens=lengths, **params).model
+    return adapter.save(model, out)
+
+
+def run(config: MergeConfig, adapter=None):
+    if config.method.name in DATA_AWARE:
+        return merge_data_aware(config, adapter if adapter is not None else make_adapter(config))
+    if config.base is None:
+        raise ValueError(f"base: method={config.method.name} needs base=PATH (the pre-trained checkpoint)")
     if config.assemble.enabled:
         from merging.assemble import assemble
 
@@ -43,6 +88,7 @@ def run(config: MergeConfig):
             tasks=config.tasks,
             scale=config.assemble.scale,
             data=config.data,
+            adapter=make_adapter(config) if config.assemble.router_init == "stats" else None,
             out_dtype=config.out_dtype,
             overwrite=config.overwrite,
             progress=config.progress,
@@ -55,7 +101,8 @@ def run(config: MergeConfig):
         if config.tasks is None:
             raise ValueError("search=true needs tasks=[...] (the task each model was fine-tuned on)")
         params.pop("weights", None)
-        lams, score = search_lambdas(config.base, config.models, config.tasks, config.data, config.method.name,
+        lams, score = search_lambdas(config.base, config.models, config.tasks, config.data,
+                                     adapter if adapter is not None else make_adapter(config), config.method.name,
                                      **params)  # fmt: skip
         print(f"per-task lambdas {lams} (mean normalized accuracy {score:.3f} on the search split)")
         params["weights"] = lams
@@ -82,10 +129,11 @@ def run(config: MergeConfig):
 @hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
 def main(cfg: DictConfig) -> None:
     config: MergeConfig = OmegaConf.to_object(cfg)
-    path = run(config)
+    adapter = make_adapter(config) if config.eval or config.search or config.method.name in DATA_AWARE else None
+    path = run(config, adapter)
     print(f"merged ({config.method.name}) -> {path}")
     if config.eval:
-        evaluate_merge(config)
+        evaluate_merge(config, adapter)
 
 
 if __name__ == "__main__":

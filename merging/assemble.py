@@ -11,7 +11,8 @@ Router initialisation (``router_init``):
 - "zero": all router weights 0, so every expert starts with the same score (top-k ties break by index until
   training separates them).
 - "stats": let m_t be the mean input of that MoE layer (its ``norm_moe`` output, measured with the base model on
-  the embedded training data) over the non-padding tokens of model t's fine-tuning tasks, M = [m_1 .. m_N].
+  the training data, through the adapter's ``task_means``) over the non-padding tokens of model t's fine-tuning
+  tasks, M = [m_1 .. m_N].
   The router rows R are the minimum-norm solution of ``R m_s = scale * (e_s - 1/N)``, i.e.
   ``R = scale * (I - 1/N) pinv(M^T)``: on the mean token of task s, expert s scores ``scale * (1 - 1/N)`` and
   every other expert ``-scale / N`` (exact while the m_t are linearly independent). The router has no bias, so
@@ -37,6 +38,7 @@ from merging.engine import Engine
 from merging.io import Checkpoint, ShardedWriter, parse_size
 from merging.merge import MergeProgress
 from merging.plan import DTYPES, EXPERT_PATTERN, ROUTER_PATTERN, Loader, plan
+from merging.protocols import TaskAdapter
 from merging.registry import METHODS
 
 
@@ -57,38 +59,9 @@ def _config(ck: Checkpoint) -> dict:
     return cfg
 
 
-@torch.no_grad()
-def router_statistics(base: str | os.PathLike, tasks: Sequence[str], data, per_task: int = 256) -> list[torch.Tensor]:
-    """Per MoE layer, ``[N, d]``: the mean ``norm_moe`` output of the base over each model's tasks' tokens."""
-    from dataclasses import replace
-
-    from merging.evaluate import load_merged
-    from moe.data import ALL_TASKS, PAD, build_splits
-
-    model = load_merged(base).eval()
-    wanted = sorted({t for spec in tasks for t in spec.split("+")}, key=ALL_TASKS.index)
-    split, _ = build_splits(replace(data, tasks=wanted, eval_tasks=wanted, train_per_task=per_task, val_per_task=8))
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        block.norm_moe.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out))
-        for i, block in enumerate(model.blocks)
-    ]
-    try:
-        model(split.tokens[:, :-1])
-    finally:
-        for h in hooks:
-            h.remove()
-    real = (split.tokens[:, :-1] != PAD).unsqueeze(-1).float()
-    means = []
-    for i in range(len(model.blocks)):
-        h = captured[i] * real
-        rows = []
-        for spec in tasks:
-            ids = [ALL_TASKS.index(t) for t in spec.split("+")]
-            sel = torch.isin(split.task_id, torch.tensor(ids))
-            rows.append(h[sel].sum((0, 1)) / real[sel].sum().clamp_min(1))
-        means.append(torch.stack(rows))
-    return means
+def router_statistics(base: str | os.PathLike, tasks: Sequence[str], data, adapter: TaskAdapter) -> list[torch.Tensor]:
+    """Per MoE layer, ``[N, d]``: the mean MoE input of the base over each model's tasks' tokens (``adapter``)."""
+    return adapter.task_means(adapter.load(base), list(tasks), data)
 
 
 def assemble(
@@ -101,6 +74,7 @@ def assemble(
     tasks: Sequence[str] | None = None,
     scale: float = 1.0,
     data=None,
+    adapter: TaskAdapter | None = None,
     out_dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -112,6 +86,9 @@ def assemble(
         raise ValueError(f"router_init={router_init!r}: expected 'zero' or 'stats'")
     if router_init == "stats" and (tasks is None or len(tasks) != len(models)):
         raise ValueError("tasks: router_init=stats needs one task spec per model (e.g. [sort, copy+add])")
+    if router_init == "stats" and adapter is None:
+        raise ValueError("adapter: router_init=stats measures the base on task data through an adapter "
+                         "(e.g. moe.merge_adapter.MoEAdapter())")  # fmt: skip
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)}")
     m = METHODS[method]
@@ -148,7 +125,7 @@ def assemble(
         special.append((name, (total, *shape[1:]), dtype))
     stats = None
     if router_init == "stats":
-        stats = router_statistics(base, list(tasks), data if data is not None else _default_data())
+        stats = router_statistics(base, list(tasks), data, adapter)
 
     order = sorted([*((e.name, e.shape, e.out_dtype) for e in entries), *special])
     by_name = {e.name: e for e in entries}
@@ -196,9 +173,3 @@ def _router(name, models, counts, shape, stats, scale) -> torch.Tensor:
         own = c.read(name).float() if e > 1 else torch.zeros(e, shape[1])
         out.append(own + row)
     return torch.cat(out)
-
-
-def _default_data():
-    from moe.config import DataConfig
-
-    return DataConfig()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
-from moe.config import DataConfig
+DATA_AWARE = ("divmerge", "pleas")  # merged by merging.divmerge / merging.pleas through the adapter, not the engine
 
 
 @dataclass
@@ -39,6 +40,15 @@ class MethodConfig:
     filter_wise: bool | None = None  # Model Stock: one ratio per row instead of per tensor
     gamma: float | None = None  # Breadcrumbs: fraction of the largest magnitudes dropped
     common_fraction: float | None = None  # Iso-CTS: share of the rank for the common subspace
+    granularity: str | None = None  # DivMerge: layer | task (coefficients per layer or per task)
+    divergence: str | None = None  # DivMerge: js | kl
+    lr: float | None = None  # DivMerge: Adam learning rate
+    epochs: int | None = None  # DivMerge: passes over the prompts
+    batch_size: int | None = None  # DivMerge: prompts per step (None: 4 per task)
+    init: float | None = None  # DivMerge: initial coefficients (None: 1/T)
+    least_squares: bool | None = None  # PLeaS: refit the linear maps by least squares
+    ridge: float | None = None  # PLeaS: relative ridge of the least-squares fits
+    max_batches: int | None = None  # PLeaS: input batches per pass
 
     def params(self) -> dict[str, object]:
         return {k: v for k, v in vars(self).items() if k != "name" and v is not None}
@@ -56,7 +66,7 @@ class AssembleConfig:
 
 @dataclass
 class MergeConfig:
-    base: str = MISSING  # the pre-trained checkpoint the task vectors are taken against
+    base: str | None = None  # the pre-trained checkpoint the task vectors are taken against (PLeaS: none)
     models: list[str] = MISSING  # fine-tuned checkpoints (safetensors, HF-style or export dirs, .ckpt)
     out: str = MISSING  # output directory (weights, the base's config.json and tokenizer files, merge_report.json)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -76,11 +86,29 @@ class MergeConfig:
     # of a task divides by its own fine-tune (None: by the best model on that task); assemble's router_init=stats.
     tasks: list[str] | None = None
     search: bool = False  # per-task lambdas (method.weights) by coordinate search on a validation split; needs tasks
-    data: DataConfig = field(default_factory=DataConfig)
+    # The model-specific side (evaluation, search, router stats, task data, writing divmerge/pleas outputs): a
+    # merging.protocols.TaskAdapter built by hydra.utils.instantiate. `data` is opaque here: the adapter reads it.
+    adapter: Any = field(default_factory=lambda: {"_target_": "moe.merge_adapter.MoEAdapter"})
+    data: Any = field(default_factory=dict)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
 
 
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
+def _config_groups(*groups: str) -> str:
+    """``${config_groups:method}``: Hydra's listing of these config groups, for the help template."""
+    from hydra.core.global_hydra import GlobalHydra
 
+    hydra = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    return hydra.format_config_groups(lambda group: group in groups) if hydra else ""
+
+
+def register_configs() -> None:
+    """The merge schema in Hydra's ConfigStore and the resolver conf/merge.yaml's help uses (idempotent)."""
+    import omegaconf
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    # OmegaConf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is the legacy one)
+    new_api = tuple(int(x) for x in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+    if not OmegaConf.has_resolver("config_groups"):
+        (OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver)("config_groups", _config_groups)
     ConfigStore.instance().store(name="merge_schema", node=MergeConfig)

@@ -2,32 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
-from pathlib import Path
 
-from merging.io import Checkpoint
-from moe.config import DataConfig, ModelConfig, RouterConfig
-from moe.data import TaskSplit, build_splits
-from moe.evaluate import evaluate_tasks
-from moe.export import Checkpoint as StateCheckpoint
-from moe.export import load_weights_into, read_config
-from moe.model import MoETransformer
-
-
-def load_merged(path: str | os.PathLike) -> MoETransformer:
-    """Any checkpoint ``merging`` reads (sharded outputs and ``.ckpt`` included) as an ``MoETransformer``."""
-    ck = Checkpoint(path)
-    if (ck.folder / "config.json").is_file():
-        model_cfg, router_cfg = read_config(ck.folder / "config.json")
-    elif ck.hparams.get("model"):
-        model_cfg, router_cfg = ModelConfig(**ck.hparams["model"]), RouterConfig(**ck.hparams.get("router", {}))
-    else:
-        raise FileNotFoundError(f"{path}: no config.json beside the weights and no hyper-parameters in the checkpoint")
-    model = MoETransformer(model_cfg, router_cfg)
-    state = {name: ck.read(name) for name in ck.names}
-    load_weights_into(model, StateCheckpoint(Path(path), state, model_cfg))
-    return model
+from merging.protocols import TaskAdapter
 
 
 def task_owner(results: dict[str, dict[str, float]], n_models: int, tasks: list[str] | None) -> dict[str, str]:
@@ -52,18 +29,18 @@ def normalized(results: dict[str, dict[str, float]], owners: dict[str, str]) -> 
 
 
 def evaluate_paths(
-    merged: str, base: str, models: list[str], data: DataConfig, tasks: list[str] | None = None,
-    split: TaskSplit | None = None, progress: bool = False,
+    merged: str, base: str | None, models: list[str], data, adapter: TaskAdapter, tasks: list[str] | None = None,
+    split: str = "val", progress: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, str]]:  # fmt: skip
-    """(accuracy per label and task, normalized accuracy per task, owner per task) on the validation split.
-    ``progress``: a rich progress bar over the models."""
-    val = split if split is not None else build_splits(data)[1]
-    paths = [("merged", merged), ("base", base), *((f"model{i}", m) for i, m in enumerate(models))]
+    """(accuracy per label and task, normalized accuracy per task, owner per task) on ``split`` of ``data``, each
+    model read and evaluated by ``adapter``. ``base`` None: no base row. ``progress``: a rich progress bar."""
+    paths = [("merged", merged), *([("base", base)] if base is not None else []),
+             *((f"model{i}", m) for i, m in enumerate(models))]  # fmt: skip
     results = {}
     with _progress(progress, len(paths)) as advance:
         for label, path in paths:
             advance(f"evaluating {label}")
-            results[label] = evaluate_tasks(load_merged(path), val)
+            results[label] = adapter.evaluate(adapter.load(path), data, split)
         advance("evaluated")
     owners = task_owner(results, len(models), tasks)
     return results, normalized(results, owners), owners

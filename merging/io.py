@@ -123,7 +123,8 @@ class StateDictFile:
         except Exception as e:  # an unpickling error names the refused global
             raise ValueError(f"{path}: cannot be loaded with weights_only=True ({e})") from e
         self.hparams = {}
-        if isinstance(obj, dict) and "state_dict" in obj:
+        self.lightning = isinstance(obj, dict) and "state_dict" in obj
+        if self.lightning:
             self.hparams = obj.get("hyper_parameters") or {}
             state = obj["state_dict"]
             if any(k.startswith(LIGHTNING_PREFIX) for k in state):

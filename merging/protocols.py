@@ -7,6 +7,7 @@ this library's ``MoETransformer``):
 - ``ModelAdapter``: build a model from a checkpoint or a state dict, and run it (logits, optionally with
   substituted parameters, for gradients with respect to merge coefficients).
 - ``DivMergeAdapter``: plus the model's layers (the granularity of DivMerge's layer-wise coefficients).
+- ``TaskAdapter``: evaluation, the lambda search, MoE assembly's task statistics and task data for the CLI.
 - ``PleasAdapter``: plus PLeaS's permutation spec: which units permute together (``Group``), how every tensor's
   axes carry them (``Layout``), which linear maps are refit by least squares (``Layer``), and the activations at
   named points (``Spec.points``) that match the units and feed the least-squares fits.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -120,3 +122,27 @@ class PleasAdapter(ModelAdapter, Protocol):
 
     def activations(self, model: nn.Module, tokens: torch.Tensor, points: Sequence[str]) -> dict[str, torch.Tensor]:
         """tokens ``[B, S]`` -> {point: ``[N, *axes]``} for the requested points (fp32, no grad)."""
+
+
+class TaskAdapter(Protocol):
+    """What ``python -m merging`` needs beyond the weights: ``eval=true``, ``search=true``, assemble's
+    ``router_init=stats`` and the data-aware methods. ``data``: the merge config's ``data`` node, opaque here (the
+    adapter interprets it). The CLI builds the adapter from its ``adapter`` node (``_target_``)."""
+
+    def load(self, source: str | os.PathLike | nn.Module) -> nn.Module:
+        """The model any checkpoint ``merging`` reads holds (an ``nn.Module`` passes through), in eval mode."""
+
+    def evaluate(self, model: nn.Module, data, split: str = "val") -> dict[str, float]:
+        """Per-task accuracy on the validation split ("val"), or on a "search" split disjoint from it."""
+
+    def task_means(self, model: nn.Module, tasks: Sequence[str], data) -> list[torch.Tensor]:
+        """Per MoE layer ``[len(tasks), d]``: the mean input of that layer over each task spec's tokens."""
+
+    def unlabeled(self, data, task: str | None = None, prompts: bool = False) -> UnlabeledData:
+        """Unlabeled training inputs (of task spec ``task`` only, if given; ``prompts``: cut before the answer)."""
+
+    def answer_length(self, data, task: str) -> int:
+        """The longest answer of task spec ``task``, in tokens (DivMerge's ``max_new_tokens``)."""
+
+    def save(self, model: nn.Module, out: str | os.PathLike) -> Path:
+        """Write ``model`` as a checkpoint directory ``out`` that ``load`` reads back; returns the weights path."""

@@ -5,7 +5,7 @@ linear in the lambdas, so the N contributions are computed once (``weights`` one
 one evaluation. The search is coordinate ascent over ``grid`` for each task in turn, ``rounds`` times, maximizing
 the mean normalized accuracy (merged / the task's own fine-tune) on a *search* split: the embedded data drawn
 with another seed, with every row of the reported validation split removed. The official PCB code (NLP) tunes on
-the test split; this never sees it.
+the test split; this never sees it. The adapter (``merging.protocols.TaskAdapter``) reads and scores the models.
 
 The model is small enough to merge in memory: the whole model is one flattened tensor, so PCB's default global
 scope is exact here.
@@ -15,24 +15,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
-from merging.evaluate import load_merged
+from merging.protocols import TaskAdapter
 from merging.registry import merge_tensors
 
 GRID = (0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
-
-
-def search_split(data, val_tokens: torch.Tensor):
-    """Examples drawn with another seed, minus any row of the reported validation split."""
-    from moe.data import TaskSplit, build_splits
-
-    _, split = build_splits(replace(data, seed=data.seed + 7919))
-    seen = {row.numpy().tobytes() for row in val_tokens}
-    keep = torch.tensor([row.numpy().tobytes() not in seen for row in split.tokens], dtype=torch.bool)
-    return TaskSplit(split.tokens[keep], split.target_mask[keep], split.task_id[keep])
 
 
 def search_lambdas(
@@ -40,25 +29,21 @@ def search_lambdas(
     models: Sequence[str | os.PathLike],
     tasks: Sequence[str],
     data,
+    adapter: TaskAdapter,
     method: str = "pcb",
     grid: Sequence[float] = GRID,
     rounds: int = 2,
     **params,
 ) -> tuple[list[float], float]:
     """(per-task lambdas, mean normalized accuracy on the search split) for ``method`` (linear in ``weights``)."""
-    from moe.data import build_splits
-    from moe.evaluate import evaluate_tasks
-
     if len(tasks) != len(models):
         raise ValueError(f"tasks: expected {len(models)} entries (one per model), got {len(tasks)}")
-    _, val = build_splits(data)
-    split = search_split(data, val.tokens)
-    model = load_merged(base)
+    model = adapter.load(base)
     names = list(model.state_dict())
     shapes = [model.state_dict()[n].shape for n in names]
 
     def flat(path):
-        state = load_merged(path).state_dict()
+        state = adapter.load(path).state_dict()
         return torch.cat([state[n].float().reshape(-1) for n in names])
 
     b, fts = flat(base), [flat(m) for m in models]
@@ -66,13 +51,13 @@ def search_lambdas(
     lam = params.pop("lam", 1.0)
     contrib = [merge_tensors(method, b, fts, weights=[float(i == j) for j in range(n)], lam=1.0, **params) - b
                for i in range(n)]  # fmt: skip
-    own = {t: evaluate_tasks(load_merged(m), split) for t, m in zip(tasks, models)}
+    own = {t: adapter.evaluate(adapter.load(m), data, "search") for t, m in zip(tasks, models)}
 
     def score(lams):
         vec = b + lam * sum(w * c for w, c in zip(lams, contrib))
         state = dict(zip(names, (v.reshape(s) for v, s in zip(vec.split([s.numel() for s in shapes]), shapes))))
         model.load_state_dict(state)
-        acc = evaluate_tasks(model, split)
+        acc = adapter.evaluate(model, data, "search")
         return sum(acc[t] / max(own[t][t], 1e-9) for spec in tasks for t in spec.split("+")) / len(tasks)
 
     lams = [1.0] * n

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe.config import ModelConfig, MoEConfig, RouterConfig
 from moe.model import MoETransformer
@@ -78,24 +78,31 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a ``.safetensors`` file, an export directory, or a Lightning ``.ckpt`` (``weights_only=True``)."""
+    """Read a ``.safetensors`` file, an export (or HF-sharded) directory, or a Lightning ``.ckpt``
+    (``weights_only=True``), through ``merging.io.Checkpoint``: the one checkpoint reader of both packages."""
+    from merging.io import Checkpoint as Reader
+    from merging.io import StateDictFile
+
     path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    if path.suffix == ".safetensors":
-        config = path.parent / CONFIG_NAME
-        return Checkpoint(path, load_file(path), read_config(config)[0] if config.exists() else None)
+    if path.is_file() and path.suffix not in (".safetensors", ".ckpt"):
+        raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
+    try:
+        ck = Reader(path)
+    except FileNotFoundError as e:  # a directory without weights
+        raise FileNotFoundError(f"{path / WEIGHTS_NAME}: no such checkpoint") from e
     if path.suffix == ".ckpt":
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" not in ckpt:
+        f = ck.files[path.name]
+        if not (isinstance(f, StateDictFile) and f.lightning):
             raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
-        hparams = ckpt.get("hyper_parameters", {}).get("model")
-        model = _from_dict(ModelConfig, hparams, f"{path}:hyper_parameters.model") if hparams else None
-        return Checkpoint(path, state, model)
-    raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
+        hparams = ck.hparams.get("model")
+        model = _from_dict(ModelConfig, dict(hparams), f"{path}:hyper_parameters.model") if hparams else None
+    else:
+        config = ck.folder / CONFIG_NAME
+        model = read_config(config)[0] if config.exists() else None
+    where = path / WEIGHTS_NAME if path.is_dir() and (path / WEIGHTS_NAME).is_file() else path
+    return Checkpoint(where, {name: ck.read(name) for name in ck.names}, model)
 
 
 def load_weights_into(model: MoETransformer, ckpt: Checkpoint) -> None:

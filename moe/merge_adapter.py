@@ -1,7 +1,9 @@
 """The data-aware merges' protocols (``merging.protocols``) for ``MoETransformer``: the one place they meet our model.
 
-``MoEAdapter`` loads, builds and runs the model (DivMerge: any configuration) and describes its units (PLeaS).
-``unlabeled_batches`` turns a ``moe.data`` split into unlabeled input batches.
+``MoEAdapter`` loads, builds and runs the model (DivMerge: any configuration) and describes its units (PLeaS); as
+``merging.protocols.TaskAdapter`` it also evaluates, searches on, measures and writes models for ``python -m merging``
+(its ``data`` node: ``moe.config.DataConfig`` fields). ``unlabeled_batches`` turns a ``moe.data`` split into
+unlabeled input batches.
 
 PLeaS units, on the canonical form (each RMSNorm gain folded into the maps that read the normalised stream, gains
 then 1: the same function, with no per-channel gain left between the stacked activations and the maps refit):
@@ -36,19 +38,60 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merging.io import Checkpoint as Reader
 from merging.protocols import Group, Layer, Layout, Spec
-from moe.config import ModelConfig, RouterConfig
-from moe.data import ALL_TASKS, SEP, TaskSplit
-from moe.export import load_model, read_config
+from moe.config import DataConfig, ModelConfig, PyCodeConfig, RouterConfig
+from moe.data import ALL_TASKS, PAD, SEP, TaskSplit, build_splits
+from moe.evaluate import evaluate_tasks
+from moe.export import Checkpoint, _from_dict, export_model, load_weights_into, read_config
 from moe.model import MoETransformer, apply_rope
+
+
+def load_any(path: str | os.PathLike) -> MoETransformer:
+    """Any checkpoint ``merging`` reads (export or sharded directories, safetensors, Lightning ``.ckpt``) as a model:
+    the architecture from ``config.json`` beside the weights, else from the checkpoint's hyper-parameters."""
+    ck = Reader(path)
+    if (ck.folder / "config.json").is_file():
+        model_cfg, router_cfg = read_config(ck.folder / "config.json")
+    elif ck.hparams.get("model"):
+        model_cfg = _from_dict(ModelConfig, dict(ck.hparams["model"]), f"{path}:hyper_parameters.model")
+        router_cfg = _from_dict(RouterConfig, dict(ck.hparams.get("router") or {}), f"{path}:hyper_parameters.router")
+    else:
+        raise FileNotFoundError(f"{path}: no config.json beside the weights and no hyper-parameters in the checkpoint")
+    model = MoETransformer(model_cfg, router_cfg)
+    load_weights_into(model, Checkpoint(Path(path), {n: ck.read(n) for n in ck.names}, model_cfg))
+    return model.eval()
+
+
+def data_config(data: DataConfig | Mapping | None) -> DataConfig:
+    """The merge config's opaque ``data`` node as a ``DataConfig`` (None: the defaults); unknown keys are named."""
+    if data is None or isinstance(data, DataConfig):
+        return data or DataConfig()
+    data = dict(data)
+    if isinstance(data.get("pycode"), Mapping):
+        data["pycode"] = PyCodeConfig(**data["pycode"])
+    try:
+        return DataConfig(**data)
+    except TypeError as e:
+        raise ValueError(f"data: {e} (expected moe.config.DataConfig fields)") from e
+
+
+def search_split(data: DataConfig, val_tokens: torch.Tensor) -> TaskSplit:
+    """Examples drawn with another seed, minus any row of the reported validation split (``merging.search``)."""
+    _, split = build_splits(replace(data, seed=data.seed + 7919))
+    seen = {row.numpy().tobytes() for row in val_tokens}
+    keep = torch.tensor([row.numpy().tobytes() not in seen for row in split.tokens], dtype=torch.bool)
+    return TaskSplit(split.tokens[keep], split.target_mask[keep], split.task_id[keep])
 
 
 class MoEAdapter:
     """``merging.protocols.DivMergeAdapter`` and ``PleasAdapter`` for models of one ``(ModelConfig, RouterConfig)``
-    (``d_ff`` may differ: PLeaS widens it)."""
+    (``d_ff`` may differ: PLeaS widens it), and ``merging.protocols.TaskAdapter``. Built without configs (as the
+    CLI's ``adapter`` node does), the first model ``load`` reads fixes the architecture ``build`` makes."""
 
-    def __init__(self, model_cfg: ModelConfig, router_cfg: RouterConfig):
+    def __init__(self, model_cfg: ModelConfig | None = None, router_cfg: RouterConfig | None = None):
         self.model_cfg, self.router_cfg = model_cfg, router_cfg
+        self._splits: dict[str, tuple[TaskSplit, TaskSplit]] = {}
 
     @classmethod
     def of(cls, source: str | os.PathLike | MoETransformer) -> MoEAdapter:
@@ -58,11 +101,15 @@ class MoEAdapter:
         return cls(*read_config(Path(source) / "config.json"))
 
     def load(self, source: str | os.PathLike | nn.Module) -> nn.Module:
-        """An export directory (``config.json`` + weights) or a model, in eval mode."""
-        model = source if isinstance(source, nn.Module) else load_model(source)
+        """Any checkpoint ``load_any`` reads, or a model, in eval mode."""
+        model = source if isinstance(source, nn.Module) else load_any(source)
+        if self.model_cfg is None and isinstance(model, MoETransformer):
+            self.model_cfg, self.router_cfg = model.cfg, model.router_cfg
         return model.eval()
 
     def build(self, state: Mapping[str, torch.Tensor]) -> MoETransformer:
+        if self.model_cfg is None:
+            raise ValueError("model_cfg: unknown until a model is loaded; pass it or use MoEAdapter.of(model)")
         d_ff = {t.shape[-1] for k, t in state.items() if k.endswith("experts.w_gate")}
         if len(d_ff) != 1:
             raise ValueError(f"state: expected one expert width (w_gate's last dim) over the layers, got {d_ff}")
@@ -78,6 +125,69 @@ class MoEAdapter:
     def layers(self, model: nn.Module) -> dict[str, list[str]]:
         """One layer per parameter tensor (AdaMerging's layer-wise granularity)."""
         return {name: [name] for name, p in model.named_parameters() if p.is_floating_point()}
+
+    # ------------------------------------------------------------------------------------------------ TaskAdapter
+
+    def splits(self, data) -> tuple[TaskSplit, TaskSplit]:
+        """(train, val) of ``data``, built once per configuration."""
+        cfg = data_config(data)
+        if repr(cfg) not in self._splits:
+            self._splits[repr(cfg)] = build_splits(cfg)
+        return self._splits[repr(cfg)]
+
+    def evaluate(self, model: nn.Module, data, split: str = "val") -> dict[str, float]:
+        if split not in ("val", "search"):
+            raise ValueError(f"split={split!r}: expected 'val' or 'search'")
+        val = self.splits(data)[1]
+        if split == "search":
+            key = f"search {data_config(data)!r}"
+            if key not in self._splits:
+                self._splits[key] = (val, search_split(data_config(data), val.tokens))
+            val = self._splits[key][1]
+        return evaluate_tasks(model, val)
+
+    @torch.no_grad()
+    def task_means(self, model: nn.Module, tasks: Sequence[str], data, per_task: int = 256) -> list[torch.Tensor]:
+        """Per MoE layer ``[N, d]``: the mean ``norm_moe`` output over the non-padding tokens of each task spec."""
+        wanted = sorted({t for spec in tasks for t in spec.split("+")}, key=ALL_TASKS.index)
+        cfg = replace(data_config(data), tasks=wanted, eval_tasks=wanted, train_per_task=per_task, val_per_task=8)
+        split, _ = build_splits(cfg)
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [block.norm_moe.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out))
+                 for i, block in enumerate(model.blocks)]  # fmt: skip
+        try:
+            model(split.tokens[:, :-1])
+        finally:
+            for h in hooks:
+                h.remove()
+        real = (split.tokens[:, :-1] != PAD).unsqueeze(-1).float()
+        means = []
+        for i in range(len(model.blocks)):
+            h, rows = captured[i] * real, []
+            for spec in tasks:
+                sel = torch.isin(split.task_id, torch.tensor([ALL_TASKS.index(t) for t in spec.split("+")]))
+                rows.append(h[sel].sum((0, 1)) / real[sel].sum().clamp_min(1))
+            means.append(torch.stack(rows))
+        return means
+
+    def unlabeled(self, data, task: str | None = None, prompts: bool = False, batch_size: int = 64) -> list:
+        """The training split's inputs (of the tasks in spec ``task``, e.g. "copy+add"), see ``unlabeled_batches``."""
+        train = self.splits(data)[0]
+        if task is None:
+            return unlabeled_batches(train, batch_size, prompts)
+        return [b for t in task.split("+") for b in unlabeled_batches(train, batch_size, prompts, t)]
+
+    def answer_length(self, data, task: str) -> int:
+        """The longest answer (target tokens, EOS included) of the tasks in spec ``task`` in the training split."""
+        train = self.splits(data)[0]
+        ids = [ALL_TASKS.index(t) if t in ALL_TASKS else _unknown_task(t) for t in task.split("+")]
+        rows = train.target_mask[torch.isin(train.task_id, torch.tensor(ids))]
+        if not len(rows):
+            raise ValueError(f"tasks: {task!r} has no rows in data.tasks={data_config(data).tasks}")
+        return int(rows.sum(1).max())
+
+    def save(self, model: nn.Module, out: str | os.PathLike) -> Path:
+        return export_model(model, out)
 
     # ------------------------------------------------------------------------------------------------ PLeaS
 
@@ -208,6 +318,10 @@ class MoEAdapter:
         if unknown:
             raise ValueError(f"points: unknown {unknown}; this model has {sorted(cap)}")
         return {p: cap[p].flatten(0, 1).float() for p in points}  # [B, S, ...] -> [N, ...]
+
+
+def _unknown_task(task: str):
+    raise ValueError(f"tasks: unknown task {task!r}; expected some of {list(ALL_TASKS)}")
 
 
 def _check_pleas(cfg: ModelConfig, router: RouterConfig) -> None:

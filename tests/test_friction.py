@@ -164,12 +164,14 @@ def test_merge_evaluation_reports_progress(exports, monkeypatch):
     from rich.progress import Progress
 
     from merging.evaluate import evaluate_paths
+    from moe.merge_adapter import MoEAdapter
 
     seen, update = [], Progress.update
     monkeypatch.setattr(Progress, "update", lambda self, task, **kw: (seen.append(kw.get("description")),
                                                                       update(self, task, **kw))[1])  # fmt: skip
     models = [str(exports / "ft0"), str(exports / "ft1")]
-    evaluate_paths(str(exports / "ft0"), str(exports / "base"), models, DataConfig(val_per_task=8), progress=True)
+    evaluate_paths(str(exports / "ft0"), str(exports / "base"), models, DataConfig(val_per_task=8), MoEAdapter(),
+                   progress=True)
     assert seen == ["evaluating merged", "evaluating base", "evaluating model0", "evaluating model1", "evaluated"]
 
 

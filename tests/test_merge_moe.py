@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from merging import merge
 from merging.assemble import assemble, router_statistics
-from merging.search import GRID, search_lambdas, search_split
+from merging.search import GRID, search_lambdas
 from moe.config import DataConfig, ModelConfig, RouterConfig, register_configs
 from moe.data import ALL_TASKS, build_splits
 from moe.export import export_model, load_model
+from moe.merge_adapter import MoEAdapter, search_split
 from moe.model import MoETransformer
 
 from .conftest import CONF
@@ -59,11 +60,11 @@ def test_router_from_statistics_prefers_each_models_tasks(tmp_path):
     base, fts = make_models(tmp_path, experts=1, n=2)
     tasks = ["sort", "add"]
     out = assemble(base, fts, tmp_path / "moe", router_init="stats", tasks=tasks, scale=3.0, data=DATA,
-                   progress=False)  # fmt: skip
+                   adapter=MoEAdapter(), progress=False)  # fmt: skip
     router = load_file(out)["blocks.0.moe.router.weight"]
     # on the mean (non-padding) input of each model's task, measured with the base, that model's expert scores
     # 3 * (1 - 1/2) and the other 3 * (-1/2)
-    means = router_statistics(base, tasks, DATA)[0]
+    means = router_statistics(base, tasks, DATA, MoEAdapter())[0]
     torch.testing.assert_close(means @ router.T, torch.tensor([[1.5, -1.5], [-1.5, 1.5]]), atol=1e-4, rtol=1e-4)
     # checked independently: hooks on the base model over the same tokens
     model = load_model(base)
@@ -114,7 +115,7 @@ def test_pcb_lambda_search_uses_a_split_disjoint_from_the_reported_one(tmp_path)
     split = search_split(DATA, val.tokens)
     reported = {row.numpy().tobytes() for row in val.tokens}
     assert len(split.tokens) > 0 and not any(row.numpy().tobytes() in reported for row in split.tokens)
-    lams, best = search_lambdas(base, fts, ["sort", "add"], DATA, rounds=1)
+    lams, best = search_lambdas(base, fts, ["sort", "add"], DATA, MoEAdapter(), rounds=1)
     assert len(lams) == 2 and all(x in GRID for x in lams)
-    start, initial = search_lambdas(base, fts, ["sort", "add"], DATA, rounds=0)
+    start, initial = search_lambdas(base, fts, ["sort", "add"], DATA, MoEAdapter(), rounds=0)
     assert start == [1.0, 1.0] and best >= initial  # coordinate ascent never loses ground
