@@ -11,11 +11,14 @@ step's time goes, and the bytes its exchanges move.
 
 The cores are split evenly: with ``--cores 2``, EP=1 runs 2 intra-op threads and each EP=2 process 1. Rounds
 alternate EP=1, EP=2, EP=1, ... in fresh processes; each round warms up, then times ``--steps`` steps
-(forward + backward + AdamW step; EP=2: the slower rank's time). Reported: the best round and the median round
-(each round's median step). tokens/s counts every input position of the global batch (padding included: the
-layers route it too).
+(forward + backward + AdamW step; EP=2: the slower rank's time). Reported: the fastest step, the best round and
+the median round (each round's median step). tokens/s counts every input position of the global batch (padding
+included: the layers route it too). The CPU time other processes took during each round is measured (/proc/stat
+minus this benchmark's own CPU time) and printed: 2 OpenMP threads that wait for each other at every op are far
+more sensitive to a busy core than 2 single-threaded processes, so only quiet rounds compare the two fairly.
 
-Breakdown: ``torch.profiler`` over ``--profile-steps`` extra steps per round, from the ``moe/...`` ranges in the
+Breakdown: ``torch.profiler`` over ``--profile-steps`` extra steps per round (the round whose profiled steps were
+fastest is shown; EP=2: the mean of its two ranks), from the ``moe/...`` ranges in the
 library (``MoELayer`` router and experts calls, ``_exchange``, the count all-to-all) and ``bench/...`` ranges
 this script adds (dispatcher dispatch/combine, gradient all-reduce, optimizer). Backward time is attributed through
 autograd sequence numbers: a backward node (``autograd::engine::evaluate_function: XBackward0``) counts for the
@@ -33,6 +36,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -89,6 +93,7 @@ DESCRIBE = {
     "rest": "attention, embed, norms, head, loss, zero_grad",
 }
 BACKWARD = "autograd::engine::evaluate_function: "
+QUIET = 0.1  # a round is quiet when other processes used fewer cores than this on average
 
 
 def is_collective(name: str) -> bool:
@@ -262,9 +267,10 @@ def breakdown(events, n_steps: int) -> dict[str, float]:
 # ---- bytes of the exchanges --------------------------------------------------------------------------------------
 
 
-def count_exchanges(step) -> list[dict]:
+def count_exchanges(step) -> tuple[list[dict], float]:
     """Run ``step`` once with ``dist.all_to_all_single`` wrapped; one record per call, in call order: elements
-    sent to / received from each rank of the group (the own rank's split included), element size, fwd/bwd."""
+    sent to / received from each rank of the group (the own rank's split included), element size, fwd/bwd.
+    Returns the records and what ``step`` returned."""
     calls: list[dict] = []
     original = dist.all_to_all_single
 
@@ -287,10 +293,10 @@ def count_exchanges(step) -> list[dict]:
 
     dist.all_to_all_single = counting
     try:
-        step()
+        out = step()
     finally:
         dist.all_to_all_single = original
-    return calls
+    return calls, out
 
 
 def check_exchanges(calls: list[dict], n_layer: int, T: int, k: int, d: int, E: int) -> list[dict]:
@@ -352,11 +358,25 @@ def check_exchanges(calls: list[dict], n_layer: int, T: int, k: int, d: int, E: 
 def run(rank: int, world: int, args, out_dir: str) -> None:
     torch.set_num_threads(args.cores // world)
     result: dict = {"rank": rank, "world": world, "threads": torch.get_num_threads()}
+    phases, t_phase = {}, time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal t_phase
+        phases[name] = time.perf_counter() - t_phase
+        t_phase = time.perf_counter()
+
     model, step, tokens = build(rank, world, args)
     result["tokens"] = tokens
-    result["first_loss"] = step()  # the first step: same weights and global batch in both runs
+    phase("build")
+    # the first step: same weights and global batch in both runs; EP=2 counts what its exchanges send
+    if world > 1:
+        calls, result["first_loss"] = count_exchanges(step)
+        result["exchanges"] = check_exchanges(calls, args.n_layer, tokens, args.k, args.d_model, args.num_experts)
+    else:
+        result["first_loss"] = step()
     for _ in range(args.warmup):
         step()
+    phase("warmup")
     if world > 1:
         dist.barrier()
     times = []
@@ -365,22 +385,49 @@ def run(rank: int, world: int, args, out_dir: str) -> None:
         step()
         times.append(time.perf_counter() - t0)
     result["step_s"] = times
+    phase("timed")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.profile_steps):
             with record_function("bench/step"):
                 step()
+    phase("profiled")
     result["breakdown_ms"] = breakdown(prof.events(), args.profile_steps)
-    if world > 1:
-        calls = count_exchanges(step)
-        result["exchanges"] = check_exchanges(calls, args.n_layer, tokens, args.k, args.d_model, args.num_experts)
-    else:  # what record_function costs when no profiler runs (the library's ranges stay in every step)
+    phase("attribution")
+    if world == 1:  # what record_function costs when no profiler runs (the library's ranges stay in every step)
         n = 20000
         t0 = time.perf_counter()
         for _ in range(n):
             with record_function("moe/x"):
                 pass
         result["record_function_us"] = (time.perf_counter() - t0) / n * 1e6
+    phase("rest")
+    result["phases_s"] = phases
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, from /proc/stat; CPU seconds of this process and its finished
+    children). Their difference over a round is what other processes took from the cores (Linux only)."""
+    try:
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return math.nan, math.nan
+    busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    return busy, own
+
+
+def wait_quiet(limit_s: float, window_s: float = 3.0) -> float:
+    """Wait (at most ``limit_s``) until other processes use < ``QUIET`` cores over a ``window_s`` window; returns
+    the seconds waited. Called between runs, when nothing of this benchmark is running."""
+    t0 = time.perf_counter()
+    while True:
+        busy0, _ = cpu_seconds()
+        time.sleep(window_s)
+        busy1, _ = cpu_seconds()
+        if not (busy1 - busy0) / window_s >= QUIET or time.perf_counter() - t0 > limit_s:  # nan: no /proc/stat
+            return time.perf_counter() - t0
 
 
 def launch(world: int, args) -> list[dict]:
@@ -393,30 +440,41 @@ def launch(world: int, args) -> list[dict]:
 
 
 def summarize(rounds: list[list[dict]]) -> dict:
-    """Per round: the median over steps of the slowest rank's step time; then best and median over rounds."""
-    per_round = []
+    """Step time = the slowest rank's. Per round: the median step; over rounds: the best and the median of those,
+    and the fastest single step. The breakdown comes from the round whose profiled steps were fastest (the least
+    disturbed by other processes), averaged over its ranks."""
+    per_round, fastest = [], math.inf
     for ranks in rounds:
         slowest = [max(ts) for ts in zip(*(r["step_s"] for r in ranks))]
         per_round.append(statistics.median(slowest))
+        fastest = min(fastest, min(slowest))
     tokens = sum(r["tokens"] for r in rounds[0])
     best, med = min(per_round), statistics.median(per_round)
+    others = [ranks[0].get("other_cores", math.nan) for ranks in rounds]
+    quiet = [t for t, o in zip(per_round, others) if o < QUIET]
+    quietest = min(rounds, key=lambda ranks: statistics.fmean(r["breakdown_ms"]["step"] for r in ranks))
     parts: dict[str, list[float]] = defaultdict(list)
-    for ranks in rounds:
-        for r in ranks:
-            for key, ms in r["breakdown_ms"].items():
-                parts[key].append(ms)
-    n = len(rounds) * len(rounds[0])
+    for r in quietest:
+        for key, ms in r["breakdown_ms"].items():
+            parts[key].append(ms)
     return {
         "rounds_ms": [t * 1e3 for t in per_round],
+        "rounds_other_cores": others,
+        "quiet_rounds": len(quiet),
+        "quiet_median_ms": statistics.median(quiet) * 1e3 if quiet else math.nan,
+        "tokens_per_s_quiet": tokens / statistics.median(quiet) if quiet else math.nan,
+        "fastest_ms": fastest * 1e3,
         "best_ms": best * 1e3,
         "median_ms": med * 1e3,
         "tokens": tokens,
+        "tokens_per_s_fastest": tokens / fastest,
         "tokens_per_s_best": tokens / best,
         "tokens_per_s_median": tokens / med,
         "threads": rounds[0][0]["threads"],
         "processes": len(rounds[0]),
         "first_loss": statistics.fmean(r["first_loss"] for r in rounds[0]),
-        "breakdown_ms": {k: sum(v) / n for k, v in parts.items()},  # mean over rounds and ranks
+        "breakdown_round": rounds.index(quietest) + 1,
+        "breakdown_ms": {k: statistics.fmean(v) for k, v in parts.items()},
     }
 
 
@@ -427,14 +485,21 @@ def print_report(args, ep1: dict, ep2: dict, exchanges: list[list[dict]], rf_us:
     print(f"model d={args.d_model} layers={args.n_layer} heads={args.n_head} E={args.num_experts} f={args.d_ff} "
           f"k={args.k}, dropless, fp32; {args.rounds} rounds (EP=1 and EP=2 alternating, fresh processes), "
           f"{args.warmup + 1} warm-up + {args.steps} timed steps each")  # fmt: skip
-    print(f"\n  {'run':<6} {'procs x threads':>16} {'step ms best':>13} {'step ms median':>15} {'tokens/s best':>14} "
-          f"{'tokens/s median':>16}  per-round medians (ms)")  # fmt: skip
+    print(f"\n  {'run':<6} {'procs x threads':>16} {'step ms':>22} {'tokens/s':>24}  per round: median step ms "
+          "(cores other processes used)")  # fmt: skip
+    print(f"  {'':<6} {'':>16} {'fastest':>7} {'best':>6} {'median':>7} {'fastest':>7} {'best':>7} {'median':>8}")
     for name, s in (("EP=1", ep1), ("EP=2", ep2)):
-        rounds = " ".join(f"{t:.1f}" for t in s["rounds_ms"])
-        print(f"  {name:<6} {s['processes']:>12} x {s['threads']:<2} {s['best_ms']:>13.1f} {s['median_ms']:>15.1f} "
-              f"{s['tokens_per_s_best']:>14.0f} {s['tokens_per_s_median']:>16.0f}  {rounds}")  # fmt: skip
-    print(f"\n  EP=2 / EP=1 tokens/s: {ep2['tokens_per_s_best'] / ep1['tokens_per_s_best']:.2f} (best rounds), "
-          f"{ep2['tokens_per_s_median'] / ep1['tokens_per_s_median']:.2f} (median rounds)")  # fmt: skip
+        rounds = " ".join(f"{t:.1f} ({o:.2f})" for t, o in zip(s["rounds_ms"], s["rounds_other_cores"]))
+        print(f"  {name:<6} {s['processes']:>12} x {s['threads']:<2} {s['fastest_ms']:>7.1f} {s['best_ms']:>6.1f} "
+              f"{s['median_ms']:>7.1f} {s['tokens_per_s_fastest']:>7.0f} {s['tokens_per_s_best']:>7.0f} "
+              f"{s['tokens_per_s_median']:>8.0f}  {rounds}")  # fmt: skip
+    ratio = {k: ep2[f"tokens_per_s_{k}"] / ep1[f"tokens_per_s_{k}"] for k in ("fastest", "best", "median", "quiet")}
+    print(f"\n  EP=2 / EP=1 tokens/s: {ratio['fastest']:.2f} (fastest steps), {ratio['best']:.2f} (best rounds), "
+          f"{ratio['median']:.2f} (median rounds)")  # fmt: skip
+    print(f"  quiet rounds only (other processes < {QUIET} cores): EP=1 {ep1['quiet_rounds']} rounds, median "
+          f"{ep1['quiet_median_ms']:.1f} ms = {ep1['tokens_per_s_quiet']:.0f} tokens/s; EP=2 {ep2['quiet_rounds']} "
+          f"rounds, median {ep2['quiet_median_ms']:.1f} ms = {ep2['tokens_per_s_quiet']:.0f} tokens/s; "
+          f"EP=2 / EP=1 {ratio['quiet']:.2f}")  # fmt: skip
     diff = abs(ep2["first_loss"] - ep1["first_loss"])
     print(f"  first-step global loss: EP=1 {ep1['first_loss']:.6f}, EP=2 (mean of the ranks) {ep2['first_loss']:.6f}, "
           f"|diff| {diff:.1e}")  # fmt: skip
@@ -442,8 +507,11 @@ def print_report(args, ep1: dict, ep2: dict, exchanges: list[list[dict]], rf_us:
         raise RuntimeError("EP=1 and EP=2 do not compute the same first-step loss: they are not the same training")
 
     b1, b2 = ep1["breakdown_ms"], ep2["breakdown_ms"]
-    print(f"\n## Where a step goes: torch.profiler, {args.profile_steps} extra steps per round, ms per step "
-          "(EP=2: mean of the 2 ranks), exclusive times")  # fmt: skip
+    print(
+        f"\n## Where a step goes: torch.profiler, {args.profile_steps} extra steps after the timed ones, ms per "
+        f"step, exclusive times; from the round with the fastest profiled steps "
+        f"(EP=1 round {ep1['breakdown_round']}, EP=2 round {ep2['breakdown_round']}: mean of the 2 ranks)"
+    )
     print(f"  {'part':<24} {'EP=1 fwd':>9} {'bwd':>7} {'total':>7} {'%':>6}   {'EP=2 fwd':>9} {'bwd':>7} {'total':>7} "
           f"{'%':>6}   what")  # fmt: skip
 
@@ -456,8 +524,9 @@ def print_report(args, ep1: dict, ep2: dict, exchanges: list[list[dict]], rf_us:
     for p in PARTS:
         print(f"  {p:<24} {cells(b1, p)}   {cells(b2, p)}   {DESCRIBE[p]}")
     print(f"  {'step (profiled)':<24} {'':>9} {'':>7} {b1['step']:>7.1f} {'':>6}   {'':>9} {'':>7} {b2['step']:>7.1f}")
-    print(f"  {'step (no profiler, med)':<24} {'':>9} {'':>7} {ep1['median_ms']:>7.1f} {'':>6}   {'':>9} {'':>7} "
-          f"{ep2['median_ms']:>7.1f}")  # fmt: skip
+    same = [s["rounds_ms"][s["breakdown_round"] - 1] for s in (ep1, ep2)]
+    print(f"  {'step (no profiler)':<24} {'':>9} {'':>7} {same[0]:>7.1f} {'':>6}   {'':>9} {'':>7} {same[1]:>7.1f}   "
+          "median timed step of the same round")  # fmt: skip
     comm = sum(b2.get(p, 0.0) for p in ("all-to-all rows", "all-to-all counts"))
     allcomm = comm + sum(b2.get(p, 0.0) for p in ("count all-reduce", "grad all-reduce"))
     print(f"\n  EP=2: the all-to-alls (rows + counts) take {comm:.1f} ms = {100 * comm / b2['step']:.1f}% of the "
@@ -470,8 +539,8 @@ def print_report(args, ep1: dict, ep2: dict, exchanges: list[list[dict]], rf_us:
           f"{2 * args.n_layer} per EP=1 step and {7 * args.n_layer} per EP=2 step "
           f"({7 * args.n_layer * rf_us / 1e3:.3f} ms)")  # fmt: skip
 
-    print("\n## Bytes each rank sends per layer per direction, EP=2 (one step; all_to_all_single includes the split "
-          "a rank sends to itself: 'total' counts it, 'off-rank' does not)")  # fmt: skip
+    print("\n## Bytes each rank sends per layer per direction, EP=2 (the first step; all_to_all_single includes the "
+          "split a rank sends to itself: 'total' counts it, 'off-rank' does not)")  # fmt: skip
     print(f"  {'rank':>4} {'layer':>5} {'T*k rows':>9} {'dispatch total':>15} {'off-rank':>10} {'combine total':>14} "
           f"{'off-rank':>10} {'counts total':>13} {'off-rank':>9}  rows to ranks / from ranks")  # fmt: skip
     for rank, layers in enumerate(exchanges):
@@ -508,6 +577,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (after the first step)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per round (breakdown)")
+    parser.add_argument(
+        "--wait-quiet", type=float, default=0.0, help="before each run, wait up to this many s for idle cores"
+    )
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
     if args.cores % 2 or args.batch % 2 or args.num_experts % 2:
@@ -515,15 +587,25 @@ def main() -> None:
 
     print({"machine": f"{platform.processor() or platform.machine()}, nproc {os.cpu_count()}",
            "torch": torch.__version__, "python": platform.python_version(),
-           "threads": f"EP=1: 1 process x {args.cores}; EP=2: 2 processes x {args.cores // 2}",
-           "load average (1 min) before": os.getloadavg()[0]})  # fmt: skip
+           "threads": f"EP=1: 1 process x {args.cores}; EP=2: 2 processes x {args.cores // 2}"})  # fmt: skip
     runs: dict[int, list[list[dict]]] = {1: [], 2: []}
+    busiest_other = 0.0
     for i in range(args.rounds):
         for world in (1, 2):
-            t0 = time.perf_counter()
+            waited = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
+            t0, (busy0, own0) = time.perf_counter(), cpu_seconds()
             runs[world].append(launch(world, args))
-            print(f"round {i + 1}/{args.rounds} EP={world}: {time.perf_counter() - t0:.1f} s, "
-                  f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+            wall, (busy1, own1) = time.perf_counter() - t0, cpu_seconds()
+            others = max(0.0, (busy1 - busy0) - (own1 - own0))
+            busiest_other = max(busiest_other, others / wall)
+            runs[world][-1][0]["other_cores"] = others / wall
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[world][-1][0]["phases_s"].items())
+            print(f"round {i + 1}/{args.rounds} EP={world}: {wall:.1f} s ({phases}; waited {waited:.0f} s before); "
+                  f"other processes used {others:.1f} CPU-s = {others / wall:.2f} cores", flush=True)  # fmt: skip
+    if busiest_other >= QUIET:
+        print(f"WARNING: other processes took up to {busiest_other:.2f} of the {os.cpu_count()} cores during a "
+              "round; the EP=1 run (2 OpenMP threads that wait for each other) suffers most; compare the quiet "
+              "rounds, or rerun on a quiet machine (--wait-quiet)")  # fmt: skip
     ep1, ep2 = summarize(runs[1]), summarize(runs[2])
     exchanges = [r["exchanges"] for r in runs[2][0]]
     for layer0, layer1 in zip(*exchanges):  # what rank 0 sends to rank 1 is what rank 1 receives from rank 0
