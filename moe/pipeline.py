@@ -69,7 +69,10 @@ def run_pipeline(cfg: TrainConfig) -> dict:
     exports = [str(Path(r["safetensors"]).parent) for r in fine_tunes]
     base_export = str(Path(base["safetensors"]).parent)
     merge(base_export, exports, out / "merged", method=p.method, overwrite=True, progress=False, **dict(p.params))
-    results, norm, _ = evaluate_paths(str(out / "merged"), base_export, exports, cfg.data, list(p.tasks))
+    from moe.merge_adapter import MoEAdapter
+
+    results, norm, _ = evaluate_paths(str(out / "merged"), base_export, exports, cfg.data, MoEAdapter(),
+                                      list(p.tasks))  # fmt: skip
     labels = {"base": "base", "merged": f"merged ({p.method})",
               **{f"model{i}": f"fine-tune {t}" for i, t in enumerate(p.tasks)}}  # fmt: skip
     summary = {
