@@ -18,6 +18,7 @@ thread merges that tensor; the staging directory is renamed into place only when
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -60,28 +61,72 @@ ST_DTYPES = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate tensor names {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
+    return dict(pairs)
+
+
+def _entry(path: Path, name: str, e) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data offsets) of one header entry, refused unless well-formed (the safetensors rules)."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"{where}: expected {{dtype, shape, data_offsets}}, got {str(e)[:80]}")
+    if e["dtype"] not in ST_DTYPES:
+        raise ValueError(f"{where} has unsupported dtype {e['dtype']}")
+    shape, offsets = e["shape"], e["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):  # fmt: skip
+        raise ValueError(f"{where}: shape {shape} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                     for o in offsets)):  # fmt: skip
+        raise ValueError(f"{where}: data_offsets {offsets} is not two integers")
+    dtype = ST_DTYPES[e["dtype"]]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{where}: shape {shape} x {e['dtype']} is {nbytes} bytes, data_offsets {offsets} span "
+                         f"{offsets[1] - offsets[0]}")  # fmt: skip
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _check_layout(path: Path, entries: dict, data_bytes: int) -> None:
+    """The tensors' byte ranges tile the data section exactly, in order, as the safetensors format requires: no
+    gap, no overlap, nothing before it (the header) or after the file's end."""
+    end = 0
+    for name, (_, _, (start, stop)) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+        if start != end:
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {start} of the data section, expected {end} "
+                             "(offsets must be contiguous, without overlap)")  # fmt: skip
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"{path}: the tensors cover {end} bytes, the data section holds {data_bytes}")
+
+
 class SafetensorsFile:
     """Header-only parse of a ``.safetensors`` file; ``read`` fetches bytes with ``os.preadv``."""
 
     def __init__(self, path: Path):
         self.path = path
+        if not path.is_file():  # a FIFO or a device would block the read forever
+            raise ValueError(f"{path}: not a regular file")
+        size = path.stat().st_size
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or n > 100 * 1024 * 1024:
-                    raise ValueError("bad header length")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+                if n <= 0 or n > min(100 * 1024 * 1024, size - 8):
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: not a safetensors file ({e})") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.data_start = 8 + n
         self._fd_: int | None = None
         self._lock = threading.Lock()
-        self.entries = {}
-        for name, e in header.items():
-            if e["dtype"] not in ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']}")
-            self.entries[name] = (ST_DTYPES[e["dtype"]], tuple(e["shape"]), tuple(e["data_offsets"]))
+        self.entries = {name: _entry(path, name, e) for name, e in header.items()}
+        _check_layout(path, self.entries, size - self.data_start)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         dtype, shape, (start, end) = self.entries[name]
@@ -168,6 +213,10 @@ class Checkpoint:
                     weight_map = json.loads((p / INDEX_NAME).read_text())["weight_map"]
                 except (KeyError, json.JSONDecodeError) as e:
                     raise ValueError(f"{p / INDEX_NAME}: not a safetensors index ({e})") from e
+                outside = [f for f in set(map(str, weight_map.values()))
+                           if Path(f).is_absolute() or not (p / f).resolve().is_relative_to(p.resolve())]  # fmt: skip
+                if outside:
+                    raise ValueError(f"{p / INDEX_NAME}: shards {sorted(outside)[:3]} lie outside {p}")
                 for fname in sorted(set(weight_map.values())):
                     if not (p / fname).is_file():
                         raise FileNotFoundError(f"{p / INDEX_NAME}: lists shard {fname}, which does not exist")

@@ -1,0 +1,119 @@
+"""The safetensors header parser refuses what the official library refuses, naming the file and the tensor."""
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from merging import merge
+from merging.io import Checkpoint, SafetensorsFile
+
+
+def write(path, header: dict, data: bytes) -> None:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def two_tensors(a=(0, 16), b=(16, 32), dtype="F32", shape_b=(4,)):
+    return {"a": {"dtype": "F32", "shape": [4], "data_offsets": list(a)},
+            "b": {"dtype": dtype, "shape": list(shape_b), "data_offsets": list(b)}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "header, data, match",
+    [
+        (two_tensors(a=(-8, 8), b=(8, 24)), bytes(32), r"tensor 'a' starts at byte -8"),  # points into the header
+        (two_tensors(a=(0, 16), b=(8, 24)), bytes(24), r"tensor 'b' starts at byte 8 .* expected 16"),  # overlap
+        (two_tensors(a=(0, 16), b=(20, 36)), bytes(36), r"tensor 'b' starts at byte 20"),  # a gap
+        (two_tensors(shape_b=(5,)), bytes(32), r"tensor 'b': shape \[5\] x F32 is 20 bytes, .* span 16"),
+        (two_tensors(), bytes(40), r"the tensors cover 32 bytes, the data section holds 40"),  # trailing bytes
+        (two_tensors(b=(16, 48), shape_b=(8,)), bytes(32), r"the tensors cover 48 bytes, the data section holds 32"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b"", r"shape \[-1\] is not a list"),
+        ({"a": {"dtype": "F32", "shape": [1]}}, bytes(4), r"tensor 'a': expected \{dtype, shape, data_offsets\}"),
+        ({"a": [1, 2]}, b"", r"tensor 'a': expected"),
+        ({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), "unsupported dtype X9"),
+    ],
+)
+def test_bad_headers_are_refused_naming_file_and_tensor(tmp_path, header, data, match):
+    path = tmp_path / "bad.safetensors"
+    write(path, header, data)
+    with pytest.raises(ValueError, match=match) as err:
+        SafetensorsFile(path)
+    assert str(path) in str(err.value)
+
+
+def test_duplicate_names_header_length_and_non_objects(tmp_path):
+    path = tmp_path / "dup.safetensors"
+    blob = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], ' \
+           b'"data_offsets": [0, 4]}}'  # fmt: skip
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(4))
+    with pytest.raises(ValueError, match=r"dup.safetensors: not a safetensors file \(duplicate tensor names \['a'\]"):
+        SafetensorsFile(path)
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(ValueError, match="header length 1099511627776 does not fit a file of 10 bytes"):
+        SafetensorsFile(path)
+    write(path, [1, 2], b"")  # a JSON array
+    with pytest.raises(ValueError, match="the header is not a JSON object"):
+        SafetensorsFile(path)
+    path.write_bytes(struct.pack("<Q", 4000) + b"[" * 4000)  # deeply nested JSON
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        SafetensorsFile(path)
+
+
+def test_a_fifo_is_refused_instead_of_hanging(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        SafetensorsFile(fifo)
+
+
+def test_an_index_cannot_point_outside_its_directory(tmp_path):
+    outside = tmp_path / "secret.safetensors"
+    save_file({"w": torch.zeros(2)}, outside)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for target in (str(outside), "../secret.safetensors"):
+        (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": target}}))
+        with pytest.raises(ValueError, match="lie outside"):
+            Checkpoint(ck)
+
+
+def test_a_valid_file_from_the_official_writer_still_reads(tmp_path):
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(0), "c": torch.tensor([1, 2], dtype=torch.int8)}
+    save_file(tensors, tmp_path / "ok.safetensors")
+    f = SafetensorsFile(tmp_path / "ok.safetensors")
+    assert all(torch.equal(f.read(k), v) for k, v in tensors.items())
+
+
+def test_a_bad_input_stops_the_merge_before_any_output(tmp_path):
+    save_file({"w": torch.ones(4)}, tmp_path / "base.safetensors")
+    write(tmp_path / "ft.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [-8, 8]}}, bytes(8))
+    with pytest.raises(ValueError, match=r"ft.safetensors: tensor 'w' starts at byte -8"):
+        merge(tmp_path / "base.safetensors", [tmp_path / "ft.safetensors"], tmp_path / "out", method="linear",
+              progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(min_size=0, max_size=300), flips=st.lists(st.integers(0, 10_000), max_size=8))
+def test_fuzzed_files_fail_only_with_value_error(tmp_path_factory, data, flips):
+    """Random bytes, and a valid file with random byte flips: the parser either reads it or raises ValueError."""
+    d = tmp_path_factory.mktemp("fuzz")
+    save_file({"a": torch.arange(4.0), "b": torch.ones(2, 2)}, d / "ok.safetensors")
+    valid = bytearray((d / "ok.safetensors").read_bytes())
+    for i in flips:
+        valid[i % len(valid)] ^= 0xFF
+    for blob in (bytes(valid), data):
+        path = d / "f.safetensors"
+        path.write_bytes(blob)
+        try:
+            f = SafetensorsFile(path)
+        except ValueError:
+            continue
+        for name in f.entries:  # what parses must read inside the file
+            f.read(name)
