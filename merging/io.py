@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import weakref
@@ -290,16 +291,49 @@ class Checkpoint:
         return [self.path.resolve(), *(f.path.resolve() for f in self.files.values())]
 
 
-def parse_size(size: int | str) -> int:
-    """``5GB``, ``500MB``, ``2GiB`` or a byte count."""
-    if isinstance(size, int):
-        return size
+def parse_size(size: int | str, key: str = "shard_size") -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count, > 0; anything else is refused naming ``key``."""
     s = str(size).strip().upper()
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
-    return int(s)
+    mult = next((m for u, m in units.items() if s.endswith(u)), 1)
+    number = s[: -len(next(u for u in units if s.endswith(u)))] if mult != 1 or s.endswith("B") else s
+    try:
+        value = int(float(number) * mult) if not isinstance(size, int) else size
+    except ValueError:
+        value = None
+    if value is None or isinstance(size, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{key}={size!r}: expected a size > 0 like 5GB, 500MB, 2GiB or a byte count")
+    return value
+
+
+STAGE_PREFIX, STAGE_SUFFIX, OWNER = ".merge-", ".tmp", "owner.json"
+
+
+def remove_stale_stages(out: Path) -> list[Path]:
+    """Remove the staging directories that merges into ``out`` left when they were killed (SIGKILL, a lost node):
+    only ``.merge-*.tmp`` directories whose ``owner.json`` names a process of this host that no longer runs."""
+    removed = []
+    for stage in out.glob(f"{STAGE_PREFIX}*{STAGE_SUFFIX}"):
+        try:
+            owner = json.loads((stage / OWNER).read_text())
+            pid, host = int(owner["pid"]), owner["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours, or not readable: leave it
+        if host != socket.gethostname() or _alive(pid):
+            continue
+        shutil.rmtree(stage, ignore_errors=True)
+        removed.append(stage)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ShardedWriter:
@@ -318,7 +352,9 @@ class ShardedWriter:
         self.out = out
         self.entries = entries
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(dir=self.out, prefix=".merge-", suffix=".tmp"))
+        remove_stale_stages(self.out)
+        self.stage = Path(tempfile.mkdtemp(dir=self.out, prefix=STAGE_PREFIX, suffix=STAGE_SUFFIX))
+        (self.stage / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         sizes = [_nbytes(shape, dtype) for _, shape, dtype in entries]
         shards: list[list[int]] = [[]]
         used = 0
@@ -408,6 +444,7 @@ class ShardedWriter:
             weight_map = {self.entries[i][0]: self.names[s] for s, idx in enumerate(self.shards) for i in idx}
             index = {"metadata": {"total_size": self.total, **self.metadata}, "weight_map": weight_map}
             (self.stage / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (self.stage / OWNER).unlink()
         new = {p.name for p in self.stage.iterdir()}
         for old in [*self.out.glob("model-*-of-*.safetensors"), self.out / WEIGHTS_NAME, self.out / INDEX_NAME]:
             if old.exists() and old.name not in new:

@@ -86,6 +86,9 @@ def merge(
         raise ValueError(
             f"router_source={router_source!r}: expected 'merge', 'base' or a model index 0..{len(models) - 1}"
         )
+    shard_bytes = parse_size(shard_size)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers={workers!r}: expected an int >= 1 (or None: torch's thread count)")
     m = METHODS[method]
     p = m.resolve(params, len(models))
     base_ck = Checkpoint(base)
@@ -108,7 +111,7 @@ def merge(
         "merge_inputs": json.dumps([str(base), *(str(x) for x in models)]),
     }
     created = not out.exists()
-    writer = ShardedWriter(out, [(e.name, e.shape, e.out_dtype) for e in entries], parse_size(shard_size), meta)
+    writer = ShardedWriter(out, [(e.name, e.shape, e.out_dtype) for e in entries], shard_bytes, meta)
     try:
         engine = Engine(m, p, Loader(base_ck, model_cks), entries, chunk_elems, report, hold_bytes)
         with heap_policy(), MergeProgress(progress, len(entries), method) as (advance, describe):

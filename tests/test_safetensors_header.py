@@ -117,3 +117,45 @@ def test_fuzzed_files_fail_only_with_value_error(tmp_path_factory, data, flips):
             continue
         for name in f.entries:  # what parses must read inside the file
             f.read(name)
+
+
+BAD_OPTIONS = [(dict(shard_size="abc"), "shard_size='abc'"), (dict(shard_size="0"), "shard_size"),
+               (dict(shard_size="-5GB"), "shard_size='-5GB'"), (dict(workers=-2), "workers=-2")]  # fmt: skip
+
+
+@pytest.mark.parametrize("kw, match", BAD_OPTIONS)
+def test_bad_sizes_and_workers_are_refused_before_any_output(tmp_path, kw, match):
+    save_file({"w": torch.ones(4)}, tmp_path / "base.safetensors")
+    save_file({"w": torch.zeros(4)}, tmp_path / "ft.safetensors")
+    with pytest.raises(ValueError, match=match):
+        merge(tmp_path / "base.safetensors", [tmp_path / "ft.safetensors"], tmp_path / "out", method="linear",
+              progress=False, **kw)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_merge_killed_with_sigkill_leaves_a_stage_the_next_run_removes(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    base = {f"w{i}": torch.randn(512, 1024) for i in range(12)}
+    save_file(base, tmp_path / "base.safetensors")
+    for j in range(3):
+        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}, tmp_path / f"ft{j}.safetensors")
+    out = tmp_path / "out"
+    models = [str(tmp_path / f"ft{j}.safetensors") for j in range(3)]
+    code = ("from merging import merge; merge({b!r}, {m!r}, {o!r}, method='ties', progress=False, workers=1, "
+            "chunk_elems=4096)").format(b=str(tmp_path / "base.safetensors"), m=models, o=str(out))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".merge-*.tmp/*.safetensors")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    stale = list(out.glob(".merge-*.tmp"))
+    assert len(stale) == 1, "the kill should land while the merge is staged"
+    foreign = out / ".merge-notours.tmp"  # a directory with no owner file is not ours: left alone
+    foreign.mkdir()
+    merge(tmp_path / "base.safetensors", [tmp_path / f"ft{j}.safetensors" for j in range(3)], out, method="ties",
+          progress=False, overwrite=True)  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [".merge-notours.tmp", "merge_report.json", "model.safetensors"]
