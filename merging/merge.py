@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -113,22 +116,41 @@ def merge(
     created = not out.exists()
     writer = ShardedWriter(out, [(e.name, e.shape, e.out_dtype) for e in entries], shard_bytes, meta)
     try:
-        engine = Engine(m, p, Loader(base_ck, model_cks), entries, chunk_elems, report, hold_bytes)
-        with heap_policy(), MergeProgress(progress, len(entries), method) as (advance, describe):
-            engine.gather_global(describe)
-            describe(f"merging ({method})")
-            raw_report = merge_entries(engine, entries, writer, workers or torch.get_num_threads(), advance)
-        _stage_side_files(writer, base_ck)
-        if report:
-            doc = {"method": method, "params": p, "base": str(base), "models": [str(x) for x in models],
-                   "tensors": finish_report(raw_report)}  # fmt: skip
-            writer.add_file(REPORT_NAME, text=json.dumps(doc, indent=1))
-        return writer.commit()
+        with _sigterm_as_exit():
+            engine = Engine(m, p, Loader(base_ck, model_cks), entries, chunk_elems, report, hold_bytes)
+            with heap_policy(), MergeProgress(progress, len(entries), method) as (advance, describe):
+                engine.gather_global(describe)
+                describe(f"merging ({method})")
+                raw_report = merge_entries(engine, entries, writer, workers or torch.get_num_threads(), advance)
+            _stage_side_files(writer, base_ck)
+            if report:
+                doc = {"method": method, "params": p, "base": str(base), "models": [str(x) for x in models],
+                       "tensors": finish_report(raw_report)}  # fmt: skip
+                writer.add_file(REPORT_NAME, text=json.dumps(doc, indent=1))
+            return writer.commit()
     except BaseException:
         writer.abort()
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
         raise
+
+
+@contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (a scheduler's stop, ``kill``) cleans up like Ctrl-C: it raises SystemExit in the main thread, so the
+    staged output is removed. Other threads cannot install handlers: there it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stage_side_files(writer: ShardedWriter, base: Checkpoint) -> None:

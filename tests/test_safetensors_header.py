@@ -133,7 +133,8 @@ def test_bad_sizes_and_workers_are_refused_before_any_output(tmp_path, kw, match
     assert not (tmp_path / "out").exists()
 
 
-def test_a_merge_killed_with_sigkill_leaves_a_stage_the_next_run_removes(tmp_path):
+def _start_merge(tmp_path):
+    """A merge in a subprocess, returned once it has staged shard files; (process, out)."""
     import subprocess
     import sys
     import time
@@ -150,6 +151,20 @@ def test_a_merge_killed_with_sigkill_leaves_a_stage_the_next_run_removes(tmp_pat
     deadline = time.monotonic() + 60
     while not list(out.glob(".merge-*.tmp/*.safetensors")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    return proc, out
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    import signal
+
+    proc, out = _start_merge(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 128 + signal.SIGTERM
+    assert not out.exists() or not any(out.iterdir())  # no stage, no partial output
+
+
+def test_a_merge_killed_with_sigkill_leaves_a_stage_the_next_run_removes(tmp_path):
+    proc, out = _start_merge(tmp_path)
     proc.kill()
     proc.wait()
     stale = list(out.glob(".merge-*.tmp"))
