@@ -92,6 +92,7 @@ def run(config: MergeConfig, adapter=None):
             out_dtype=config.out_dtype,
             overwrite=config.overwrite,
             progress=config.progress,
+            allow_nonfinite=config.allow_nonfinite,
             **config.method.params(),
         )
     params = config.method.params()
@@ -122,18 +123,22 @@ def run(config: MergeConfig, adapter=None):
         shard_size=config.shard_size,
         workers=config.workers,
         report=config.report,
+        allow_nonfinite=config.allow_nonfinite,
         **params,
     )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     config: MergeConfig = OmegaConf.to_object(cfg)
     adapter = make_adapter(config) if config.eval or config.search or config.method.name in DATA_AWARE else None
     path = run(config, adapter)
     print(f"merged ({config.method.name}) -> {path}")
     if config.eval:
         evaluate_merge(config, adapter)
+    from merging.search import sweep_objective  # a multirun job's objective (the Optuna sweeper's); else None
+
+    return sweep_objective(config, lambda: adapter if adapter is not None else make_adapter(config))
 
 
 if __name__ == "__main__":

@@ -79,9 +79,11 @@ def assemble(
     overwrite: bool = False,
     progress: bool = True,
     shard_size: int | str = "5GB",
+    allow_nonfinite: bool = False,
     **params,
 ) -> Path:
-    """Build an MoE from ``models`` (see the module docstring); returns ``out/model.safetensors``."""
+    """Build an MoE from ``models`` (see the module docstring); returns ``out/model.safetensors``. NaN/inf inputs
+    are refused naming the tensor unless ``allow_nonfinite`` (as in ``merging.merge``)."""
     if router_init not in ("zero", "stats"):
         raise ValueError(f"router_init={router_init!r}: expected 'zero' or 'stats'")
     if router_init == "stats" and (tasks is None or len(tasks) != len(models)):
@@ -135,7 +137,8 @@ def assemble(
         [str(base), *map(str, models)])}  # fmt: skip
     writer = ShardedWriter(out, order, parse_size(shard_size), meta)
     try:
-        engine = Engine(m, p, Loader(base_ck, model_cks), entries, 1 << 22)
+        loader = Loader(base_ck, model_cks, allow_nonfinite)
+        engine = Engine(m, p, loader, entries, 1 << 22)
         report: dict = {}
         with MergeProgress(progress, len(order), f"assemble ({method})") as (advance, describe):
             engine.gather_global(describe)
@@ -149,8 +152,11 @@ def assemble(
                 elif re.search(ROUTER_PATTERN, name):
                     writer.write(name, _router(name, model_cks, counts, shape, stats, scale).to(dtype))
                 else:
-                    for c in model_cks:
-                        writer.write(name, c.read(name).to(dtype))
+                    for i, c in enumerate(model_cks):
+                        t = c.read(name)
+                        if t.is_floating_point():
+                            loader._check(t, c, name, f"model {i}")
+                        writer.write(name, t.to(dtype))
                 advance()
         writer.add_file("config.json", text=json.dumps(cfg, indent=2))
         return writer.commit()

@@ -81,6 +81,9 @@ class MergeConfig:
     shard_size: str = "5GB"  # largest output shard
     workers: int | None = None  # tensors merged at once, one thread each (None: torch's thread count)
     report: bool = True  # write merge_report.json beside the weights
+    # NaN/inf in an input tensor, or a result overflowing out_dtype, is an error naming the tensor and the model;
+    # true merges them anyway and counts them in merge_report.json
+    allow_nonfinite: bool = False
     eval: bool = False  # evaluate the merged model (and the inputs) on every task of the embedded data
     # The task(s) each model was fine-tuned on ("sort", or "copy+add"), one entry per model: the normalized accuracy
     # of a task divides by its own fine-tune (None: by the best model on that task); assemble's router_init=stats.

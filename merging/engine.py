@@ -13,7 +13,7 @@ import torch
 
 from merging.heap import release_above
 from merging.io import ShardedWriter, row_shape
-from merging.plan import Entry, Loader, Unit, unit_chunks
+from merging.plan import Entry, Loader, NonFiniteError, Unit, unit_chunks
 from merging.registry import DEFERRED, Chunk, Method, Stage, apply_with_stats, gather_in_memory
 from merging.select import SAMPLE
 
@@ -144,9 +144,13 @@ class Engine:
             r["sq_delta"] = r["sq_delta"] + ((alt - base).double().square() - (cur - base).double().square()).sum()
 
     def _emit(self, report, c, merged, info, write, e) -> None:
+        allow = self.loader.allow_nonfinite
         if self.report:
-            _account(report, c, merged, info)
-        write(merged.to(e.out_dtype))
+            _account(report, c, merged, info, allow)
+        out = merged.to(e.out_dtype)
+        if not allow and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            _refuse_nonfinite(e, c, merged, out)
+        write(out)
 
     def _deferred(self) -> set[str]:
         return {s.key for s in self.stages if s.deferrable and s.level == "tensor"}
@@ -176,7 +180,21 @@ class Engine:
         return not self.m.chunkable(self.p, u.shape) or (u.r1 - u.r0) * row_shape(e.shape)[1] <= self.chunk_elems
 
 
-def _account(report: dict, c: Chunk, merged: torch.Tensor, info: dict | None = None) -> None:
+def _refuse_nonfinite(e: Entry, c: Chunk, merged: torch.Tensor, out: torch.Tensor):
+    """The inputs were finite (the loader checks them), so the method's arithmetic or the cast overflowed."""
+    if bool(torch.isfinite(merged).all()):
+        top = float(merged.abs().max())
+        raise NonFiniteError(
+            f"{c.name}: merged values up to {top:.4g} overflow out_dtype={str(e.out_dtype).removeprefix('torch.')} "
+            f"(largest finite {torch.finfo(e.out_dtype).max:.4g}); use out_dtype=float32 or lower method.lam"
+        )
+    raise NonFiniteError(
+        f"{c.name}: the merge produced {int((~torch.isfinite(merged)).sum())} non-finite values from finite inputs "
+        "(fp32 overflow: check method.lam / method.weights); allow_nonfinite=true writes them anyway"
+    )
+
+
+def _account(report: dict, c: Chunk, merged: torch.Tensor, info: dict | None = None, nonfinite=False) -> None:
     r = report.setdefault(c.name, {})
 
     def add(key, value):
@@ -191,6 +209,9 @@ def _account(report: dict, c: Chunk, merged: torch.Tensor, info: dict | None = N
     add("sq_tau", norm(c.tau.flatten(1), dim=1).double() ** 2)
     for k, v in (info or {}).items():
         add(k, v)
+    if nonfinite:  # allow_nonfinite: positions where the base or a task vector is NaN/inf, and such outputs
+        add("nonfinite_inputs", (~torch.isfinite(c.base) | (~torch.isfinite(c.tau)).any(0)).sum())
+        add("nonfinite_outputs", (~torch.isfinite(merged)).sum())
 
 
 def finish_report(raw: dict) -> dict:
@@ -208,6 +229,8 @@ def finish_report(raw: dict) -> dict:
             row["kept_fraction"] = [k / numel for k in r["kept"].tolist()]
         if "active" in r:
             row["sign_conflict_rate"] = float(r["conflict"]) / max(float(r["active"]), 1.0)
+        if "nonfinite_inputs" in r:
+            row["nonfinite_inputs"], row["nonfinite_outputs"] = int(r["nonfinite_inputs"]), int(r["nonfinite_outputs"])
         if "rank_kept" in r:
             row["rank_fraction"] = [a / b for a, b in zip(r["rank_kept"].tolist(), r["rank_full"].tolist())]
         out[key] = row

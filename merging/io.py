@@ -159,13 +159,31 @@ class SafetensorsFile:
             return self._fd_
 
 
+def torch_save_format(path: Path) -> str | None:
+    """``"zip"`` (torch >= 1.6), ``"legacy"`` (a pickle stream; torch.save's old format) or None (neither), from
+    the first bytes only."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK":
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle PROTO opcode
+        return "legacy"
+    return None
+
+
 class StateDictFile:
     """A ``torch.save``d state dict or Lightning checkpoint, loaded with ``weights_only=True``."""
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not path.is_file():  # a FIFO or a device would block the read forever
+            raise ValueError(f"{path}: not a regular file")
+        kind = torch_save_format(path)
+        if kind is None:
+            raise ValueError(f"{path}: not a torch.save checkpoint (neither a zip archive nor a legacy pickle; "
+                             "expected a Lightning .ckpt or a state dict)")  # fmt: skip
+        try:  # the zip format is memory-mapped; the legacy format (torch < 1.6) is read whole, never executed
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
         except Exception as e:  # an unpickling error names the refused global
             raise ValueError(f"{path}: cannot be loaded with weights_only=True ({e})") from e
         self.hparams = {}

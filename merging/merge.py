@@ -13,6 +13,7 @@ of the checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -48,6 +49,7 @@ def merge(
     hold_bytes: int = HOLD_BYTES,
     workers: int | None = None,
     report: bool = True,
+    allow_nonfinite: bool = False,
     **params,
 ) -> Path:
     """Merge ``models`` into ``base`` with ``METHODS[method]`` and write the result to ``out``.
@@ -73,6 +75,9 @@ def merge(
       base and task vectors fit in this many bytes once and keep it in memory; larger ones are re-read per pass.
     - workers: tensors merged at once, each on its own thread with single-threaded torch ops (default: torch's
       thread count). The output is identical for any number: every tensor is merged the same way on its own.
+    - allow_nonfinite: merge NaN/inf inputs (and write non-finite results) instead of refusing them; the report
+      counts them per tensor. By default an input tensor holding NaN/inf, or a result that overflows fp32 or the
+      fp16/bf16 ``out_dtype``, is an error naming the tensor and the model, and nothing is written.
     - params: the method's parameters (see ``merging.METHODS[method].params``).
     """
     if method not in METHODS:
@@ -117,7 +122,7 @@ def merge(
     writer = ShardedWriter(out, [(e.name, e.shape, e.out_dtype) for e in entries], shard_bytes, meta)
     try:
         with _sigterm_as_exit():
-            engine = Engine(m, p, Loader(base_ck, model_cks), entries, chunk_elems, report, hold_bytes)
+            engine = Engine(m, p, Loader(base_ck, model_cks, allow_nonfinite), entries, chunk_elems, report, hold_bytes)
             with heap_policy(), MergeProgress(progress, len(entries), method) as (advance, describe):
                 engine.gather_global(describe)
                 describe(f"merging ({method})")
@@ -126,13 +131,27 @@ def merge(
             if report:
                 doc = {"method": method, "params": p, "base": str(base), "models": [str(x) for x in models],
                        "tensors": finish_report(raw_report)}  # fmt: skip
-                writer.add_file(REPORT_NAME, text=json.dumps(doc, indent=1))
+                if allow_nonfinite:
+                    doc["nonfinite"] = {k: sum(t.get(k, 0) for t in doc["tensors"].values())
+                                        for k in ("nonfinite_inputs", "nonfinite_outputs")}  # fmt: skip
+                writer.add_file(REPORT_NAME, text=json.dumps(json_safe(doc), indent=1, allow_nan=False))
             return writer.commit()
     except BaseException:
         writer.abort()
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
         raise
+
+
+def json_safe(obj):
+    """``obj`` with every NaN/inf float replaced by None: JSON has no NaN, so the report stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 @contextmanager

@@ -47,14 +47,18 @@ class Entry:
     rows: list[int] = field(default_factory=list)  # rows each model has (vocab crop)
 
 
+class NonFiniteError(ValueError):
+    """An input or merged tensor holds NaN or inf (see ``merge(allow_nonfinite=...)``)."""
+
+
 class Loader:
     """Reads rows of one output tensor from the base and every model, in fp32, as a ``Chunk``.
 
     ``hold(e, unit)`` reads a whole unit once and serves its rows from memory until ``release()``: methods that
     pass over a tensor several times (thresholds, votes) then read and convert it once."""
 
-    def __init__(self, base: Checkpoint, models: list[Checkpoint]):
-        self.base, self.models = base, models
+    def __init__(self, base: Checkpoint, models: list[Checkpoint], allow_nonfinite: bool = False):
+        self.base, self.models, self.allow_nonfinite = base, models, allow_nonfinite
         self._held: dict[int, Chunk] = {}  # id(unit) -> the whole unit (one per merging thread at most)
 
     def hold(self, e: Entry, unit: Unit) -> None:
@@ -72,6 +76,7 @@ class Loader:
 
     def _read(self, e: Entry, unit: Unit, r0: int, r1: int) -> Chunk:
         b = self.base.read(e.name, (r0, r1)).float()
+        self._check(b, self.base, e.name, "the base")
         tau = torch.empty(len(self.models), *b.shape)
         for i, (m, src, have) in enumerate(zip(self.models, e.sources, e.rows)):
             if have >= r1:
@@ -81,13 +86,32 @@ class Loader:
                 if n:
                     tau[i, :n].copy_(m.read(src, (r0, have)))
                 tau[i, n:].copy_(b[n:])
+        if not self.allow_nonfinite and not bool(torch.isfinite(tau).all()):  # one check for all models
+            for i, (m, src) in enumerate(zip(self.models, e.sources)):
+                self._check(tau[i], m, src, f"model {i}")
         tau.sub_(b)
         return Chunk(name=unit.key, base=b, tau=tau, shape=unit.shape, row0=r0 - unit.r0)
 
     def raw(self, e: Entry, unit: Unit, r0: int, r1: int) -> torch.Tensor:
         src = self.base if unit.source < 0 else self.models[unit.source]
         name = e.name if unit.source < 0 else e.sources[unit.source]
-        return src.read(name, (r0, r1))
+        data = src.read(name, (r0, r1))
+        if data.is_floating_point():
+            self._check(data, src, name, "the base" if unit.source < 0 else f"model {unit.source}")
+        return data
+
+    def _check(self, t: torch.Tensor, ck: Checkpoint, name: str, who: str) -> None:
+        """Refuse NaN/inf input values (unless ``allow_nonfinite``), naming the tensor, the model and its file."""
+        if self.allow_nonfinite or bool(torch.isfinite(t).all()):
+            return
+        bad = ~torch.isfinite(t)
+        kinds = [k for k, m in (("NaN", t.isnan()), ("+inf", t == float("inf")), ("-inf", t == float("-inf")))
+                 if bool(m.any())]  # fmt: skip
+        raise NonFiniteError(
+            f"{ck.file_of(name)}: tensor {name!r} of {who} holds {int(bad.sum())} non-finite values "
+            f"({', '.join(kinds)}) in the rows read; fix the checkpoint, exclude the tensor (exclude=[...]) or pass "
+            "allow_nonfinite=true to merge it anyway"
+        )
 
 
 def unit_chunks(unit: Unit, cols: int, chunked: bool, chunk_elems: int) -> Iterator[tuple[int, int]]:

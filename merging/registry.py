@@ -199,6 +199,10 @@ class Method:
         if unknown:
             raise ValueError(f"method {self.name!r} does not take {sorted(unknown)}; it takes {sorted(self.params)}")
         p = {k: params.get(k, spec.default) for k, spec in self.params.items()}
+        for k, v in p.items():
+            values = v if isinstance(v, (list, tuple)) else [v]
+            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                raise ValueError(f"method.{k}={v!r}: expected finite numbers (method {self.name!r})")
         for k, spec in self.params.items():
             if spec.choices is not None and p[k] not in spec.choices:
                 raise ValueError(f"{k}={p[k]!r}: expected one of {list(spec.choices)} (method {self.name!r})")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.utils import JobStatus
-from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -25,8 +25,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from merging.cli import CleanErrors
 from moe.callbacks.run import RunState, ValidateAtLastStep
-from moe.config import DataConfig, TrainConfig, TrainerConfig, unknown_keys
+from moe.config import DataConfig, ModelConfig, TrainConfig, TrainerConfig, unknown_keys
 from moe.data import MultiTaskDataModule
 from moe.evaluate import evaluate_tasks
 from moe.export import LIGHTNING_PREFIX, atomic_write, export_model, load_checkpoint, load_weights_into
@@ -122,8 +123,15 @@ def check_train_config(cfg: TrainConfig) -> None:
             f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from}: give one. ckpt_path resumes a run (weights, "
             "optimizer, LR schedule, step, data position); init_from starts a new run from weights only"
         )
-    t, o = cfg.trainer, cfg.optim
+    t, o, m, r = cfg.trainer, cfg.optim, cfg.model, cfg.router
+    for key in ("d_model", "n_layer", "n_head", "num_experts", "d_ff"):
+        if getattr(m, key) < 1:
+            raise ValueError(f"model.{key}={getattr(m, key)}: expected >= 1")
+    token_choice = m.moe.kind == "sparse" and r.kind != "expert_choice"
     for ok, message in (
+        (m.d_model % m.n_head == 0, f"model.d_model={m.d_model}: expected a multiple of model.n_head ({m.n_head})"),
+        (not token_choice or 1 <= r.k <= m.num_experts,
+         f"router.k={r.k}: expected 1 <= router.k <= model.num_experts ({m.num_experts})"),
         (t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: expected >= 1 (training is counted in steps)"),
         (t.val_check_interval >= 1, f"trainer.val_check_interval={t.val_check_interval}: expected >= 1 (steps)"),
         (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps={t.log_every_n_steps}: expected >= 1"),
@@ -217,6 +225,36 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any] | None, path: Pa
         )
 
 
+def command_line_keys() -> set[str]:
+    """The keys (``model.d_model``) and groups (``model``) set on this Hydra command line; empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def check_init_architecture(mine: ModelConfig, theirs: ModelConfig, source: str, explicit: set[str]) -> None:
+    """``init_from``'s architecture replaces ``model.*``. A differing key set on the command line (or ``model=``)
+    is a conflict and refused; a differing default or experiment value is replaced, saying so on stderr."""
+    here, there = _flat({"model": asdict(mine)}), _flat({"model": asdict(theirs)})
+    differ = {k: (v, there.get(k)) for k, v in here.items()
+              if there.get(k) != v and not (k in ("model.vocab_size", "model.max_seq_len") and not v)}  # fmt: skip
+    if not differ:
+        return
+    told = sorted(k for k in differ if "model" in explicit or any(k == e or k.startswith(e + ".") for e in explicit))
+    if told:
+        raise ValueError(
+            f"init_from={source}: its architecture has {', '.join(f'{k}={differ[k][1]}' for k in told)}, but the "
+            f"command line sets {', '.join(f'{k}={differ[k][0]}' for k in told)}: the weights fix the architecture; "
+            "drop those overrides (or train from scratch without init_from)"
+        )
+    if rank_zero_only.rank == 0:
+        changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in differ.items())
+        print(f"init_from={source}: the checkpoint's architecture replaces the configured one ({changes})",
+              file=sys.stderr)  # fmt: skip
+
+
 @rank_zero_only  # (Lightning's DDP launcher runs this script again in every other process)
 def _continue_csv(logger: CSVLogger, step: int) -> None:
     """Resume into the same ``metrics.csv``: keep its rows logged before the checkpoint's step (later ones are
@@ -258,13 +296,14 @@ def run(cfg: TrainConfig) -> dict:
         except Exception as e:
             raise ValueError(f"ckpt_path={resume}: not a readable Lightning checkpoint ({e})") from e
         check_resume_config(cfg, saved.get("train_config"), resume)
+    source = cfg.init_from or resume
+    init = load_checkpoint(source) if source else None  # a bad file is refused before anything is written
+    if cfg.init_from and init.model:  # its recorded architecture wins over model.* (the weights must fit it)
+        check_init_architecture(cfg.model, init.model, cfg.init_from, command_line_keys())
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg.data)
-    source = cfg.init_from or resume
-    init = load_checkpoint(source) if source else None
-    # Starting from a checkpoint: its recorded architecture wins over model.* (the weights must fit it).
     model_cfg = init.model if init and init.model else cfg.model
     model_cfg = replace(
         model_cfg,
@@ -358,12 +397,15 @@ def configure_threads() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
 
-class RemoveRefusedRunDir(HydraCallback):
+class RemoveRefusedRunDir(CleanErrors):
     """Hydra callback (conf/train.yaml): a failed run leaves no directory behind when Hydra created it for this run
     and it holds nothing but Hydra's own files (``.hydra/``, the job's ``.log``): a refused configuration, or a
-    failure before training wrote anything. A directory that existed before the run is never removed."""
+    failure before training wrote anything. A directory that existed before the run is never removed. Then, as
+    ``merging.cli.CleanErrors``, a bad-input error is printed as one line and a hint."""
 
-    def __init__(self) -> None:
+    def __init__(self, hint: str = "python train.py --help lists every option; HYDRA_FULL_ERROR=1 shows the "
+                 "full traceback") -> None:  # fmt: skip
+        super().__init__(hint)
         self._created: Path | None = None
 
     def on_run_start(self, config, **kwargs: Any) -> None:
@@ -371,6 +413,10 @@ class RemoveRefusedRunDir(HydraCallback):
         self._created = None if run_dir.exists() else run_dir
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
+        self._remove(config, job_return)
+        super().on_job_end(config, job_return, **kwargs)
+
+    def _remove(self, config, job_return) -> None:
         run_dir, self._created = self._created, None
         if run_dir is None or job_return.status != JobStatus.FAILED or os.environ.get("RANK", "0") != "0":
             return

@@ -1,0 +1,47 @@
+"""Clean command-line errors: the project's own errors end a Hydra command with one line and a hint, not a traceback.
+
+A Hydra callback (``hydra.callbacks`` in conf/merge.yaml and conf/train.yaml), so that Hydra's job machinery runs
+as usual first (other callbacks see the failed job) and the message comes last. ``HYDRA_FULL_ERROR=1`` keeps
+Hydra's own report with the traceback; a multirun records the failed job and goes on, as Hydra does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf.errors import OmegaConfBaseException
+
+# What bad input raises here: configuration values, files, checkpoints, numbers (merging.plan.NonFiniteError is a
+# ValueError). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError, OmegaConfBaseException)  # fmt: skip
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (OmegaConf's ``full_key:`` / ``object_type=`` lines joined with '; ')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+class CleanErrors(Callback):
+    """On a failed single run whose error is a ``USER_ERRORS``: print ``Error: <message>`` and ``Hint: <hint>`` to
+    stderr and exit with status 1 (Hydra's own status for a failed job)."""
+
+    def __init__(self, hint: str = "--help lists every option; HYDRA_FULL_ERROR=1 shows the full traceback") -> None:
+        self.hint = hint
+
+    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
+        if job_return.status != JobStatus.FAILED or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return
+        if config.hydra.get("mode") == RunMode.MULTIRUN:
+            return
+        error = getattr(job_return, "_return_value", None)  # the property would print Hydra's report line first
+        if isinstance(error, USER_ERRORS):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"Error: {one_line(error)}\nHint: {self.hint}", file=sys.stderr, flush=True)
+            raise SystemExit(1)
