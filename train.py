@@ -11,13 +11,15 @@ python train.py -m experiment=pipeline merge.method=ties,dare   # base -> fine-t
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from merging.cli import hydra_main_args, quiet_own_callbacks
 from moe.config import TrainConfig, register_configs
 from moe.training import adopt_launcher_env, configure_threads, run
 
 register_configs()
+quiet_own_callbacks("moe.training.RemoveRefusedRunDir")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(config_path="conf", config_name="train", **hydra_main_args())
 def main(cfg: DictConfig) -> float:
     adopt_launcher_env()
     configure_threads()

@@ -15,10 +15,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from merging.cli import hydra_main_args, quiet_own_callbacks
 from merging.config import DATA_AWARE, MergeConfig, register_configs
 from merging.merge import merge
 
 register_configs()
+quiet_own_callbacks("merging.cli.CleanErrors")
 
 
 def make_adapter(cfg: MergeConfig):
@@ -128,7 +130,7 @@ def run(config: MergeConfig, adapter=None):
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="merge")
+@hydra.main(config_path="../conf", config_name="merge", **hydra_main_args())
 def main(cfg: DictConfig) -> float | None:
     config: MergeConfig = OmegaConf.to_object(cfg)
     adapter = make_adapter(config) if config.eval or config.search or config.method.name in DATA_AWARE else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 from hydra.core.utils import JobStatus
@@ -26,6 +27,22 @@ def one_line(error: BaseException) -> str:
     """The error's message on one line (OmegaConf's ``full_key:`` / ``object_type=`` lines joined with '; ')."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__
+
+
+def hydra_main_args() -> dict[str, str]:
+    """``hydra.main``'s version argument: Hydra 1.3 needs ``version_base`` (without it, it warns and keeps 1.1's
+    defaults); Hydra 1.4 deprecates the argument (it warns whenever it is given) and defaults to its own."""
+    from hydra import __version__
+
+    major, minor = (int(x) for x in __version__.split(".")[:2])
+    return {"version_base": "1.3"} if (major, minor) < (1, 4) else {}
+
+
+def quiet_own_callbacks(*targets: str) -> None:
+    """Hydra 1.4 warns for every ``hydra.callbacks`` node instantiated without an execution whitelist, which
+    ``hydra.main`` cannot pass for them; silence it for these targets (this project's own), not for others."""
+    names = "|".join(t.replace(".", r"\.") for t in targets)
+    warnings.filterwarnings("ignore", message=rf"hydra\.utils\.instantiate\(\) resolved _target_='({names})'")
 
 
 class CleanErrors(Callback):
