@@ -39,6 +39,9 @@ class RouterConfig:
     n_group: int | None = None  # group-limited routing: experts split into n_group groups ...
     topk_group: int | None = None  # ... of which each token may use topk_group
     scaling: float = 1.0  # routed_scaling_factor applied to the weights
+    # topk router: "auto" = the fused kernel in Triton on CUDA, its PyTorch reference on the CPU; "triton" | "torch"
+    # insist on one (moe.kernels). Options the kernel does not cover route through moe.routing.route.
+    impl: str = "auto"
     # Noisy top-k (Shazeer 2017): learned noise scale; its load loss
     load_loss_coef: float = 0.0
     # Gumbel-softmax gating: tau_t = max(tau_min, tau * exp(-tau_anneal_rate * step)); MC average at eval
@@ -108,6 +111,9 @@ class PyCodeConfig:
     eval_domains: list[str] | None = None  # validate on these; None = all (shows forgetting after a fine-tune)
     val_fraction: float = 0.1  # per domain, share of its bytes held out for validation (whole modules)
     split_seed: int = 0  # salt of the path hash choosing held-out modules; independent of `seed`
+    # per domain, share of the *training* modules' bytes held out as a tuning split (PyCodeDataModule.tune_split:
+    # the merge benchmark's lambda/density search), chosen like val (salt split_seed + 1); 0 = none
+    tune_fraction: float = 0.0
     seq_len: int = 256  # bytes the model reads per window (a window holds seq_len + 1 tokens)
     batch_size: int = 32
     train_windows: int = 32_000  # random training windows per epoch (1000 steps at batch 32); redrawn each epoch

@@ -18,25 +18,12 @@ from torch import nn
 
 from moe.config import MoEConfig, RouterConfig
 from moe.dispatch import build_dispatcher
+from moe.experts import IMPLS as EXPERT_IMPLS
+from moe.experts import swiglu_experts
 from moe.routers import build_router
 from moe.routing import RoutingResult
 
 DROP_POLICIES = ("probability", "position")
-GROUPED_MM = getattr(F, "grouped_mm", None)
-
-
-def _grouped_mm_ok(x: torch.Tensor, num_experts: int) -> bool:
-    """Whether ``grouped_mm`` should run the experts: bf16 on CUDA; fp32/bf16 on the CPU from 16 experts up.
-
-    Measured on the 2-core CPU VM, forward+backward of one layer: T=2176 d=128 f=256 E=8 k=2 (the default model)
-    53 ms with grouped_mm vs 40 ms with the per-expert loop; T=2048 d=256 f=128 E=32 k=4, 2.1-2.9x faster with
-    grouped_mm (benchmarks/bench_moe_layer.py). Few large experts favour the loop, many small ones the grouped GEMM.
-    """
-    if GROUPED_MM is None:
-        return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16) and num_experts >= 16
-    return x.dtype == torch.bfloat16
 
 
 class SwiGLUExperts(nn.Module):
@@ -45,9 +32,11 @@ class SwiGLUExperts(nn.Module):
     w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``.
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto"):
         super().__init__()
-        self.num_experts = num_experts
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"experts impl={impl!r}: expected one of {EXPERT_IMPLS}")
+        self.num_experts, self.impl = num_experts, impl
         self.w_gate = nn.Parameter(torch.randn(num_experts, d_model, d_ff) / math.sqrt(d_model))
         self.w_up = nn.Parameter(torch.randn(num_experts, d_model, d_ff) / math.sqrt(d_model))
         self.w_down = nn.Parameter(torch.randn(num_experts, d_ff, d_model) / math.sqrt(d_ff))
@@ -55,22 +44,10 @@ class SwiGLUExperts(nn.Module):
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_SD: ``[S, d]`` rows sorted by expert, ``counts_E[e]`` rows for expert e. Returns ``[S, d]``.
 
-        Uses ``grouped_mm`` (one GEMM per weight over all experts, offsets from the counts, no host sync) where
-        torch supports the dtype and device; otherwise a loop of per-expert matmuls.
+        ``moe.experts.swiglu_experts``: grouped_mm, padded bmm or a per-expert loop; "auto" picks by the measured
+        rule of ``moe.experts.pick_impl`` (rows per expert, dtype, device).
         """
-        if _grouped_mm_ok(x_SD, self.num_experts):
-            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            h = F.silu(GROUPED_MM(x_SD, self.w_gate, offs=offs)) * GROUPED_MM(x_SD, self.w_up, offs=offs)
-            return GROUPED_MM(h, self.w_down, offs=offs)
-        outs = []
-        for e, x_e in enumerate(torch.split(x_SD, counts_E.tolist())):
-            if x_e.shape[0] == 0:
-                continue
-            h = F.silu(x_e @ self.w_gate[e]) * (x_e @ self.w_up[e])
-            outs.append(h @ self.w_down[e])
-        # no rows at all: an empty result that stays in the graph, so an expert-parallel backward still runs both
-        # exchanges on this rank (a rank left out of a collective would hang its peers)
-        return torch.cat(outs) if outs else x_SD * 0.0
+        return swiglu_experts(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, self.impl)
 
 
 class SwiGLU(nn.Module):
@@ -120,7 +97,7 @@ class MoELayer(nn.Module):
         self.dispatcher = build_dispatcher(router.kind, moe, num_experts)
 
     def _routed(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, RoutingResult]:
-        x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, r)
+        x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, r.plan)
         with torch.profiler.record_function("moe/experts"):
             y_SD = self.experts(x_SD, counts_E)
         y_TD = self.dispatcher.combine(y_SD, plan)

@@ -46,14 +46,35 @@ def load_balancing_loss(
         f_BE = counts_BE / (seq_len * k)
         P_BE = probs.reshape(B, seq_len, num_experts).mean(1)
         return num_experts * (f_BE * P_BE).sum(-1).mean()
-    if counts_E is not None:
-        counts_E = counts_E.to(probs.dtype)
-        f_E = counts_E / counts_E.sum().clamp_min(1) * (1 if mode == "switch" else k)
-        return num_experts * torch.dot(f_E, probs.mean(dim=0))
-    counts_E = torch.bincount(ids.reshape(-1), minlength=num_experts).to(probs.dtype)
-    f_E = counts_E / (T * k if mode == "switch" else T)
-    P_E = probs.mean(dim=0)
-    return num_experts * torch.dot(f_E, P_E)
+    local_E = counts_E if counts_E is not None else torch.bincount(ids.reshape(-1), minlength=num_experts)
+    return balance_loss(probs.sum(dim=0), local_E, T, k, mode, counts_E)
+
+
+def balance_loss(
+    prob_sums_E: torch.Tensor,
+    counts_E: torch.Tensor,
+    num_tokens: int,
+    k: int,
+    mode: str = "switch",
+    global_counts_E: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``load_balancing_loss`` ("switch" or "hf") from the column sums alone: ``E * sum_e f_e * prob_sums_e / T``.
+
+    prob_sums_E: ``sum_t probs[t, e]`` (differentiable; what ``moe.kernels.fused_router`` returns). counts_E: this
+    rank's slots per expert (no gradient). ``f_e`` as in ``load_balancing_loss``, from ``global_counts_E`` when
+    given. Needs no ``[T, E]`` tensor.
+    """
+    if mode not in ("switch", "hf"):
+        raise ValueError(f"mode={mode!r}: the loss from column sums covers 'switch' and 'hf'")
+    if num_tokens == 0:
+        return prob_sums_E.sum() * 0.0
+    P_E = prob_sums_E / num_tokens
+    if global_counts_E is not None:
+        counts = global_counts_E.to(P_E.dtype)
+        f_E = counts / counts.sum().clamp_min(1) * (1 if mode == "switch" else k)
+    else:
+        f_E = counts_E.to(P_E.dtype) / (num_tokens * k if mode == "switch" else num_tokens)
+    return len(P_E) * torch.dot(f_E, P_E)
 
 
 def router_loss(routings, aux_loss_coef: float, z_loss_coef: float) -> torch.Tensor:
@@ -71,7 +92,14 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2`` over ``[T, E]`` logits (computed in fp32)."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return z_loss_from_lse(torch.logsumexp(logits.float(), dim=-1))
+
+
+def z_loss_from_lse(lse_T: torch.Tensor) -> torch.Tensor:
+    """``router_z_loss`` from the rows' logsumexp ``[T]`` (what ``moe.kernels.fused_router`` returns)."""
+    if lse_T.shape[0] == 0:
+        return lse_T.sum() * 0.0
+    return lse_T.float().square().mean()
 
 
 def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 ROUTERS maps ``router.kind`` to a module class:
 
-- ``topk``: linear gate, any score function, optional jitter, aux-loss-free bias, group-limited routing.
+- ``topk``: linear gate, any score function, optional jitter, aux-loss-free bias, group-limited routing. Softmax
+  and sigmoid scores without score options or groups run through the fused kernel (``moe.routing.route_fused``,
+  ``router.impl``), everything else through ``moe.routing.route``.
 - ``noisy_topk``: Shazeer et al. 2017, ``H = x W_g + N(0,1) * softplus(x W_noise)`` (training), KeepTopK, softmax,
   with the importance and load losses.
 - ``gumbel``: Gumbel-softmax gating, ``softmax((l + g) / tau)``, optionally straight-through hard; tau annealed
@@ -20,8 +22,21 @@ from torch import nn
 
 from moe.config import RouterConfig
 from moe.gating import SCORE_FUNCTIONS, update_expert_bias
+from moe.kernels import MAX_EXPERTS
 from moe.losses import cv_squared, importance_loss, load_balancing_loss, router_z_loss
-from moe.routing import RoutingResult, check_logits, route, softmax_limit, stable_topk
+from moe.routing import (
+    RouterAux,
+    RoutingPlan,
+    RoutingResult,
+    check_logits,
+    fused_applies,
+    route,
+    route_fused,
+    softmax_limit,
+    stable_topk,
+)
+
+IMPLS = ("auto", "triton", "torch")
 
 
 def _check(cfg: RouterConfig, num_experts: int) -> None:
@@ -31,10 +46,13 @@ def _check(cfg: RouterConfig, num_experts: int) -> None:
         raise ValueError(f"router.score={cfg.score!r}: expected one of {sorted(SCORE_FUNCTIONS)}")
     if not 0.0 <= cfg.jitter < 1.0:
         raise ValueError(f"router.jitter={cfg.jitter}: expected 0 <= jitter < 1")
+    if cfg.impl not in IMPLS:
+        raise ValueError(f"router.impl={cfg.impl!r}: expected one of {IMPLS}")
 
 
 class TopKRouter(nn.Module):
-    """Linear gate ``x @ W^T`` in fp32, then ``moe.routing.route`` with the configured score and order."""
+    """Linear gate ``x @ W^T`` in fp32, then ``moe.routing.route_fused`` (the fused kernel, ``router.impl``) where it
+    covers the configured score and options (``fused_reason``), else ``moe.routing.route``."""
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
         super().__init__()
@@ -52,6 +70,22 @@ class TopKRouter(nn.Module):
         # counts [E] -> counts summed over the data-parallel group; installed by moe.parallel, None on one device
         self.reduce_counts = None
         self.layer_name = "router"  # named in errors; MoETransformer sets the module path
+        reason = self.fused_reason()
+        if cfg.impl == "triton" and reason is not None:
+            raise ValueError(f"router.impl=triton: the fused router does not cover {reason}; use router.impl=auto")
+        self.fused = reason is None
+
+    def fused_reason(self) -> str | None:
+        """None when the fused kernel covers this router, else why not. Jitter perturbs the gate's input, upstream
+        of the logits, so it is covered; the aux-loss-free bias ranks ``score + bias`` inside the kernel."""
+        cfg = self.cfg
+        if type(self) is not TopKRouter:
+            return f"router.kind={cfg.kind}"
+        if cfg.learn_ssmax_s:
+            return "router.learn_ssmax_s"
+        if cfg.impl == "triton" and self.num_experts > MAX_EXPERTS:  # "auto" takes the reference there
+            return f"model.num_experts={self.num_experts} > {MAX_EXPERTS}"
+        return fused_applies(cfg.score, cfg.order, cfg.bias_update_rate > 0, cfg.n_group, cfg.score_kwargs)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.jitter > 0:
@@ -61,19 +95,22 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
-        kw = dict(self.score_kwargs)
-        if cfg.learn_ssmax_s:
-            kw["s"] = self.ssmax_s
-        r = route(
-            logits_TE, cfg.k, score=cfg.score, renormalize=cfg.renormalize, order=cfg.order,
-            bias=self.expert_bias if cfg.bias_update_rate > 0 else None, n_group=cfg.n_group,
-            topk_group=cfg.topk_group, scaling=cfg.scaling, aux_loss_mode=cfg.aux_loss_mode, seq_len=seq_len,
-            reduce_counts=self.reduce_counts, check=self.layer_name if self.training else None, **kw,
+        common = dict(
+            score=cfg.score, renormalize=cfg.renormalize, order=cfg.order, scaling=cfg.scaling,
+            bias=self.expert_bias if cfg.bias_update_rate > 0 else None, aux_loss_mode=cfg.aux_loss_mode,
+            seq_len=seq_len, reduce_counts=self.reduce_counts, check=self.layer_name if self.training else None,
         )  # fmt: skip
+        if self.fused:
+            r = route_fused(logits_TE, cfg.k, impl=cfg.impl, **common)
+        else:
+            kw = dict(self.score_kwargs)
+            if cfg.learn_ssmax_s:
+                kw["s"] = self.ssmax_s
+            r = route(logits_TE, cfg.k, n_group=cfg.n_group, topk_group=cfg.topk_group, **common, **kw)
         if self.training and cfg.bias_update_rate > 0:
             self.pending_counts += r.load.to(self.pending_counts)
-        if cfg.importance_loss_coef > 0:
-            r.extra_losses["importance"] = cfg.importance_loss_coef * importance_loss(r.probs)
+        if cfg.importance_loss_coef > 0:  # Shazeer's CV^2 of sum_t probs: the column sums are enough
+            r.extra_losses["importance"] = cfg.importance_loss_coef * cv_squared(r.prob_sums)
         return r
 
     @torch.no_grad()
@@ -126,11 +163,11 @@ class NoisyTopKRouter(nn.Module):
         ids = ids[:, :k]
         counts = torch.bincount(ids.reshape(-1), minlength=E)
         load = self.reduce_counts(counts) if self.reduce_counts is not None else None
+        aux = load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load)
         return RoutingResult(
-            weights=weights, ids=ids, counts=counts, probs=probs, z_loss=router_z_loss(clean_TE),
-            aux_loss=load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load),
-            extra_losses=extra, global_counts=load,
-        )  # fmt: skip
+            RoutingPlan(weights, ids, counts),
+            RouterAux(aux, router_z_loss(clean_TE), probs, extra_losses=extra, global_counts_E=load),
+        )
 
 
 def gumbel_tau(step: int, tau0: float, rate: float, tau_min: float) -> float:
@@ -178,11 +215,10 @@ class GumbelRouter(TopKRouter):
         probs = torch.softmax(logits_TE, dim=-1)
         counts = torch.bincount(ids.reshape(-1), minlength=E)
         load = self.reduce_counts(counts) if self.reduce_counts is not None else None
+        aux = load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load)
         return RoutingResult(
-            weights=weights, ids=ids, counts=counts, probs=probs, z_loss=router_z_loss(logits_TE),
-            aux_loss=load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load),
-            global_counts=load,
-        )  # fmt: skip
+            RoutingPlan(weights, ids, counts), RouterAux(aux, router_z_loss(logits_TE), probs, global_counts_E=load)
+        )
 
 
 class ExpertChoiceRouter(TopKRouter):
@@ -214,9 +250,9 @@ class ExpertChoiceRouter(TopKRouter):
                                                        gates_EC.reshape(-1))  # fmt: skip
         ids_TE = torch.arange(E, device=probs.device).expand(T, E)
         return RoutingResult(
-            weights=weights_TE, ids=ids_TE, counts=torch.full((E,), C, device=probs.device), probs=probs,
-            aux_loss=probs.sum() * 0.0, z_loss=router_z_loss(logits_TE), expert_tokens=tokens_EC,
-        )  # fmt: skip
+            RoutingPlan(weights_TE, ids_TE, torch.full((E,), C, device=probs.device), expert_tokens_EC=tokens_EC),
+            RouterAux(probs.sum() * 0.0, router_z_loss(logits_TE), probs),
+        )
 
 
 ROUTERS: dict[str, type[nn.Module]] = {

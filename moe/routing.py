@@ -1,4 +1,11 @@
-"""Token-choice routing: logits ``[T, E]`` -> a typed RoutingResult (weights, ids, counts, losses).
+"""Token-choice routing: logits ``[T, E]`` -> a RoutingResult = a ``RoutingPlan`` for the dispatcher + ``RouterAux``.
+
+Shapes: T tokens, E experts, K experts per token (top-k).
+
+The plan is what moves tokens: ``weights_TK``, ``ids_TK``, ``counts_E``. The auxiliaries are what the training
+loss and the statistics need: the losses, the column sums ``prob_sums_E = sum_t p_te`` and ``lse_T``; the full
+distribution ``probs_TE`` is computed only when something reads it (a stats callback on a logging step, the
+"sequence" aux loss), so the fused router (``moe.kernels.fused_router``) never writes a ``[T, E]`` tensor.
 
 ``route`` names its top-k order explicitly:
 
@@ -10,43 +17,95 @@
 
 Selection may use an auxiliary-loss-free ``bias`` (DeepSeek-V3; used to choose experts, never in the weights)
 and group-limited routing (``n_group``/``topk_group``). Ties go to the lower expert id.
+
+``route_fused`` gives the same result from one pass of the fused kernel, for softmax or sigmoid scores without
+score options or group limits (``moe.routers.TopKRouter`` picks between the two).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
+from moe import kernels
 from moe.gating import score as apply_score
-from moe.losses import load_balancing_loss, router_z_loss
+from moe.losses import balance_loss, load_balancing_loss, router_z_loss, z_loss_from_lse
 
 ORDERS = ("score_then_topk", "topk_then_score")
 
 
-@dataclass(frozen=True)
-class RoutingResult:
-    """What a router hands to the expert dispatch. Losses carry autograd; nothing is stored in module state.
+@dataclass(frozen=True, eq=False)
+class RoutingPlan:
+    """Where each token goes, handed from the router to the dispatcher (``moe.dispatch``); nothing else.
 
-    weights: ``[T, k]`` fp32 combine weights.  ids: ``[T, k]`` int64 expert ids.  counts: ``[E]`` slots per expert.
-    probs: ``[T, E]`` fp32 router distribution over experts (sums to 1; used by the aux loss and statistics).
-    aux_loss, z_loss: fp32 scalars, unscaled. extra_losses: further named scalars, already multiplied by their
-    coefficients (added to the training loss as they are). dropped_fraction: share of slots a capacity-limited
-    layer dropped (0 when dropless). global_counts: ``counts`` summed over the data-parallel group when the
-    router has a ``reduce_counts`` installed (``moe.parallel``), else None; the aux loss, the bias update and the
-    routing statistics use it.
+    weights_TK: fp32 combine weights (autograd to the router). ids_TK: int64 expert ids, each row distinct.
+    counts_E: int64 slots per expert, the histogram of ``ids_TK`` (dispatchers and the expert-parallel count
+    exchange use it as it is, never recount). expert_tokens_EC: expert choice only, the ``C`` tokens each expert
+    took (then ``weights_TK``/``ids_TK`` are ``[T, E]``: every expert, weight 0 where it did not take the token).
     """
 
-    weights: torch.Tensor
-    ids: torch.Tensor
-    counts: torch.Tensor
-    probs: torch.Tensor
+    weights_TK: torch.Tensor
+    ids_TK: torch.Tensor
+    counts_E: torch.Tensor
+    expert_tokens_EC: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class RouterAux:
+    """The router's by-products for the loss and the statistics. Losses carry autograd and are unscaled.
+
+    aux_loss, z_loss: fp32 scalars. extra_losses: further named scalars, already multiplied by their coefficients.
+    global_counts_E: ``counts_E`` summed over the data-parallel group (``reduce_counts`` installed by
+    ``moe.parallel``), else None. prob_sums_E ``[E]`` / lse_T ``[T]``: the column sums of the router distribution
+    and the rows' logsumexp when the router has them (the fused kernel does), else None. probs: ``[T, E]`` fp32
+    distribution (rows sum to 1), or a function computing it, evaluated once on first read.
+    """
+
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    probs_fn: torch.Tensor | Callable[[], torch.Tensor]
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    global_counts_E: torch.Tensor | None = None
+    prob_sums_E: torch.Tensor | None = None
+    lse_T: torch.Tensor | None = None
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """``[T, E]`` router distribution; materialised here, on first read."""
+        return self.probs_fn if isinstance(self.probs_fn, torch.Tensor) else self.probs_fn()
+
+    @property
+    def prob_sums(self) -> torch.Tensor:
+        """``[E]`` ``sum_t probs[t, e]`` (without materialising ``probs`` when the router kept the sums)."""
+        return self.probs.sum(0) if self.prob_sums_E is None else self.prob_sums_E
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingResult:
+    """What a layer returns about its routing: the dispatch ``plan``, the router's ``aux``, and the share of slots a
+    capacity-limited dispatcher dropped (``dropped_fraction``; None when nothing can be dropped).
+
+    The read-only properties below (``weights``, ``ids``, ``counts``, ``probs``, ``aux_loss``, ...) forward to
+    ``plan`` and ``aux`` so that loss code and statistics read one object; nothing is stored in module state.
+    """
+
+    plan: RoutingPlan
+    aux: RouterAux
     dropped_fraction: torch.Tensor | None = None
-    expert_tokens: torch.Tensor | None = None  # expert choice: ``[E, C]`` token ids each expert takes
-    global_counts: torch.Tensor | None = None
+
+    weights = property(lambda self: self.plan.weights_TK, doc="``[T, K]`` fp32 combine weights")
+    ids = property(lambda self: self.plan.ids_TK, doc="``[T, K]`` int64 expert ids")
+    counts = property(lambda self: self.plan.counts_E, doc="``[E]`` slots per expert on this rank")
+    expert_tokens = property(lambda self: self.plan.expert_tokens_EC, doc="expert choice: ``[E, C]`` token ids")
+    probs = property(lambda self: self.aux.probs, doc="``[T, E]`` router distribution (materialised on read)")
+    prob_sums = property(lambda self: self.aux.prob_sums, doc="``[E]`` column sums of ``probs``")
+    aux_loss = property(lambda self: self.aux.aux_loss, doc="load-balancing loss, unscaled")
+    z_loss = property(lambda self: self.aux.z_loss, doc="router z-loss, unscaled")
+    extra_losses = property(lambda self: self.aux.extra_losses, doc="named losses, already scaled")
+    global_counts = property(lambda self: self.aux.global_counts_E, doc="``counts`` summed over data parallel")
 
     @property
     def load(self) -> torch.Tensor:
@@ -167,7 +226,10 @@ def route(
         logits32 = softmax_limit(logits32)
     scores_TE = apply_score(logits32, score, **score_kw)
     select_TE = scores_TE if order == "score_then_topk" else logits32
-    select_TE = select_TE.detach() + (bias.to(select_TE) if bias is not None else 0.0)
+    if bias is not None:  # a masked (-inf) expert stays out of reach whatever its bias
+        select_TE = torch.where(logits32 == float("-inf"), float("-inf"), select_TE.detach() + bias.to(select_TE))
+    else:
+        select_TE = select_TE.detach()
     if n_group is not None:
         select_TE = select_TE.masked_fill(~group_limited_mask(select_TE, n_group, topk_group), float("-inf"))
     _, ids = stable_topk(select_TE, k)
@@ -180,12 +242,88 @@ def route(
     probs = _as_distribution(scores_TE)
     counts = torch.bincount(ids.reshape(-1), minlength=E)
     global_counts = reduce_counts(counts) if reduce_counts is not None else None
+    aux_loss = load_balancing_loss(probs, ids, E, mode=aux_loss_mode, seq_len=seq_len, counts_E=global_counts)
     return RoutingResult(
-        weights=weights * scaling,
-        ids=ids,
-        counts=counts,
-        probs=probs,
-        aux_loss=load_balancing_loss(probs, ids, E, mode=aux_loss_mode, seq_len=seq_len, counts_E=global_counts),
-        z_loss=router_z_loss(logits32),
-        global_counts=global_counts,
+        RoutingPlan(weights * scaling, ids, counts),
+        RouterAux(aux_loss, router_z_loss(logits32), probs, global_counts_E=global_counts),
     )
+
+
+def fused_applies(score: str, order: str = "score_then_topk", bias: bool = False, n_group: int | None = None,
+                  score_kw: dict | None = None) -> str | None:  # fmt: skip
+    """None when ``route_fused`` covers these options, else the reason it does not (for error messages)."""
+    if score not in kernels.FUSED_SCORES:
+        return f"score={score!r} (the kernel fuses {kernels.FUSED_SCORES})"
+    if score_kw:
+        return f"score options {sorted(score_kw)}"
+    if n_group is not None:
+        return "group-limited routing (n_group)"
+    if bias and order != "score_then_topk":
+        return "a selection bias with order='topk_then_score'"
+    return None
+
+
+def route_fused(
+    logits: torch.Tensor,
+    k: int,
+    score: str = "softmax",
+    renormalize: bool = True,
+    order: str = "score_then_topk",
+    bias: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    aux_loss_mode: str = "switch",
+    seq_len: int | None = None,
+    reduce_counts=None,
+    check: str | None = None,
+    impl: str = "auto",
+) -> RoutingResult:
+    """``route`` for softmax/sigmoid scores through ``moe.kernels.fused_router``: one pass over ``logits [T, E]``.
+
+    Same arguments and result as ``route`` (see ``fused_applies`` for what it covers), plus ``impl``
+    ("auto" | "triton" | "torch", see ``moe.kernels``). Differences are fp32 rounding only: without a bias the
+    kernel ranks the logits, ``route`` the scores (the same order but where scores round to equal values).
+    Losses come from the kernel's statistics, never from ``[T, E]``::
+
+        aux ("switch") = E * sum_e (counts_e / (T k)) * (prob_sums_e / T)   ("hf": counts_e / T)
+        z = mean_t lse_t^2
+
+    except the "sequence" aux loss, which reads ``probs`` per sequence (and so materialises it).
+    ``check``/``softmax_limit`` treat non-finite logits as ``route`` does.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
+    T, E = logits.shape
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: expected one of {ORDERS}")
+    reason = fused_applies(score, order, bias is not None)
+    if reason is not None:
+        raise ValueError(f"route_fused: the fused kernel does not cover {reason}; use moe.routing.route")
+    if bias is not None and bias.shape != (E,):
+        raise ValueError(f"bias: expected shape [{E}], got {tuple(bias.shape)}")
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"{check or 'router'}.expert_bias: non-finite values {bias.tolist()[:8]}")
+    logits32 = logits.float()
+    if check is not None:
+        check_logits(logits32, check)
+    if score != "sigmoid":
+        logits32 = softmax_limit(logits32)
+    # softmax over the k kept logits is the renormalised full softmax: topk_then_score == score_then_topk + renorm
+    renorm = renormalize or (order == "topk_then_score" and score == "softmax")
+    weights_TK, ids_TK, counts_E, prob_sums_E, lse_T = kernels.fused_router(
+        logits32, k, score, renorm, impl=impl, bias=bias
+    )
+    ids_TK, counts_E = ids_TK.long(), counts_E.long()
+    global_counts = reduce_counts(counts_E) if reduce_counts is not None else None
+
+    def probs_TE() -> torch.Tensor:  # [T, E], built only when read
+        return _as_distribution(apply_score(logits32, score))
+
+    if aux_loss_mode == "sequence":  # per-sequence means: the one loss that needs [T, E]
+        probs = probs_TE()
+        aux_loss = load_balancing_loss(probs, ids_TK, E, "sequence", seq_len)
+    else:
+        probs = probs_TE
+        aux_loss = balance_loss(prob_sums_E, counts_E, T, k, aux_loss_mode, global_counts)
+    aux = RouterAux(aux_loss, z_loss_from_lse(lse_T), probs, global_counts_E=global_counts, prob_sums_E=prob_sums_E,
+                    lse_T=lse_T)  # fmt: skip
+    return RoutingResult(RoutingPlan(weights_TK * scaling if scaling != 1.0 else weights_TK, ids_TK, counts_E), aux)

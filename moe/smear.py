@@ -17,7 +17,7 @@ from torch import nn
 
 from moe.config import RouterConfig
 from moe.losses import load_balancing_loss, router_z_loss
-from moe.routing import RoutingResult
+from moe.routing import RouterAux, RoutingPlan, RoutingResult
 
 ROUTE_ON = ("token", "sequence")
 
@@ -61,8 +61,7 @@ class SMEARLayer(nn.Module):
         probs_TE = probs.reshape(-1, self.num_experts)
         T, E = probs_TE.shape
         ids = probs_TE.argmax(-1, keepdim=True)
-        return y, RoutingResult(
-            weights=probs_TE, ids=torch.arange(E, device=x.device).expand(T, E),
-            counts=torch.bincount(ids.reshape(-1), minlength=E), probs=probs_TE,
-            aux_loss=load_balancing_loss(probs_TE, ids, E), z_loss=router_z_loss(logits.reshape(-1, E)),
-        )  # fmt: skip
+        plan = RoutingPlan(probs_TE, torch.arange(E, device=x.device).expand(T, E),
+                           torch.bincount(ids.reshape(-1), minlength=E))  # fmt: skip
+        aux = RouterAux(load_balancing_loss(probs_TE, ids, E), router_z_loss(logits.reshape(-1, E)), probs_TE)
+        return y, RoutingResult(plan, aux)

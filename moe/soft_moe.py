@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from moe.routing import RoutingResult
+from moe.routing import RouterAux, RoutingPlan, RoutingResult
 
 
 def l2_normalize(v: torch.Tensor, dim: int) -> torch.Tensor:
@@ -65,5 +65,5 @@ class SoftMoELayer(nn.Module):
         T, E = probs.shape
         zero = probs.sum() * 0.0
         ids = torch.arange(E, device=x.device).expand(T, E)
-        return y, RoutingResult(weights=probs, ids=ids, counts=torch.full((E,), T, device=x.device), probs=probs,
-                                aux_loss=zero, z_loss=zero)  # fmt: skip
+        plan = RoutingPlan(probs, ids, torch.full((E,), T, device=x.device))
+        return y, RoutingResult(plan, RouterAux(zero, zero, probs))

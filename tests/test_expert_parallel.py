@@ -5,6 +5,10 @@ the same seed, so each rank can compute what it must match: its own logits, the 
 dense parameters, and for its experts the gradient of the sum of both ranks' losses.
 """
 
+import importlib.util
+import os
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -18,12 +22,12 @@ pytestmark = pytest.mark.distributed
 D, F = 8, 12
 
 
-def _layer_case(rank, world, E, k, tokens_per_rank, force_expert, cf):
+def _layer_case(rank, world, E, k, tokens_per_rank, force_expert, cf, impl="auto"):
     from moe.parallel import expert_parallel, gather_state_dict
 
     torch.manual_seed(0)
     cfg, moe = RouterConfig(k=k, init_std=1.0), MoEConfig(capacity_factor=cf)
-    ref = MoELayer(D, F, E, cfg, moe).double()
+    ref = MoELayer(D, F, E, cfg, moe).double()  # the reference routes with the default impl (CPU: PyTorch)
     if force_expert is not None:  # every token to one expert: the other experts get nothing
         with torch.no_grad():
             ref.router.weight.zero_()
@@ -33,7 +37,7 @@ def _layer_case(rank, world, E, k, tokens_per_rank, force_expert, cf):
         for x in xs:
             x[:, 0] = x[:, 0].abs() + 1
     cs = [torch.randn(n, D, dtype=torch.float64) for n in tokens_per_rank]
-    sharded = expert_parallel(MoELayer(D, F, E, cfg, moe).double(), ep_size=world)
+    sharded = expert_parallel(MoELayer(D, F, E, replace(cfg, impl=impl), moe).double(), ep_size=world)
     full = ref.state_dict()
     L = E // world
     own = {k_: (v[rank * L : (rank + 1) * L] if ".w_" in k_ else v) for k_, v in full.items()}
@@ -76,6 +80,15 @@ def _layer_case(rank, world, E, k, tokens_per_rank, force_expert, cf):
 )
 def test_sharded_layer_matches_unsharded(E, k, tokens_per_rank, force_expert, cf):
     run_distributed(_layer_case, 2, E, k, tokens_per_rank, force_expert, cf)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton and TRITON_INTERPRET=1 (set by tests/conftest.py)",
+)
+def test_sharded_layer_on_the_triton_router_matches_unsharded():
+    # the Triton kernel's counts go straight into the count exchange; the reference layer routes in PyTorch
+    run_distributed(_layer_case, 2, 4, 2, (13, 5), None, 0.0, "triton")
 
 
 def _model_case(rank, world):

@@ -84,18 +84,18 @@ def _upstream(outs, which: str, seed: int = 1):
     return loss
 
 
-def _router_run(logits, k, score, renormalize, impl, which="all", **launch):
+def _router_run(logits, k, score, renormalize, impl, which="all", bias=None, **launch):
     """Forward outputs and d(loss)/d(logits). ``launch`` (tiling overrides) calls the Triton launcher directly."""
     x = logits.clone().requires_grad_()
     if launch:
         from moe.kernels import triton_router
 
-        outs = triton_router.fused_router(x.detach(), k, score, renormalize, **launch)
+        outs = triton_router.fused_router(x.detach(), k, score, renormalize, bias, **launch)
         grad = triton_router.fused_router_backward(
             x.detach(), outs[0], outs[1], outs[4], *_split_grads(outs, which), score, renormalize
         )
         return outs, grad
-    outs = kernels.fused_router(x, k, score, renormalize, impl=impl)
+    outs = kernels.fused_router(x, k, score, renormalize, impl=impl, bias=bias)
     _upstream(outs, which).backward()
     return outs, x.grad
 
@@ -183,6 +183,71 @@ def test_router_dtypes(dtype, T, E, k, score):
     torch.testing.assert_close(grad_t, grad_r, **TOL[dtype])
 
 
+@needs_triton
+@pytest.mark.parametrize(
+    "T,E,k,block_t,topk",
+    [
+        (5, 8, 2, None, None),  # T < block
+        (37, 13, 3, 4, "bitonic"),  # prime E, several programs, the bitonic top-k on biased keys
+        (9, 6, 6, None, None),  # k = E: the bias only reorders
+        (16, 8, 1, 4, "rounds"),  # k = 1
+    ],
+)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_bias_triton_matches_reference(T, E, k, block_t, topk, score, dtype):
+    # the selection bias: keys from fp32 p + bias (16-bit logits leave the int32-key path), weights from the logits
+    logits = _logits(T, E, dtype=dtype, seed=19)
+    logits[0, 1] = -math.inf  # masked: out of reach whatever its bias
+    bias = torch.linspace(-0.3, 0.3, E)[torch.randperm(E, generator=torch.Generator().manual_seed(2))]
+    bias[1] = 100.0
+    outs_r, grad_r = _router_run(logits, k, score, True, "torch", bias=bias)
+    launch = {} if block_t is None else dict(block_t=block_t, rows_per_program=2 * block_t, topk=topk)
+    if launch:
+        outs_t, grad_t = _router_run(logits, k, score, True, "triton", bias=bias, **launch)
+    else:
+        outs_t, grad_t = _router_run(logits, k, score, True, "triton", bias=bias)
+    _assert_router_equal(outs_t, outs_r)
+    torch.testing.assert_close(grad_t, grad_r, **TOL[dtype])
+    row0 = outs_r[1][0].tolist()  # expert 1 is masked there: chosen last, only when every expert is (k = E)
+    assert (1 not in row0) if k < E else row0[-1] == 1
+    assert (outs_r[1][1:, 0] == 1).all()  # bias 100 wins wherever the expert is not masked
+    plain = kernels.fused_router(logits, k, score, True, impl="torch")
+    if k < E:
+        assert not torch.equal(plain[1], outs_r[1])  # the bias changed the choice
+    torch.testing.assert_close(plain[3], outs_r[3])  # prob_sums and lse do not see the bias
+    torch.testing.assert_close(plain[4], outs_r[4])
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_bias_selects_only_hand_worked(impl):
+    inf = math.inf
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, -inf], [0.0, 0.0, 0.0, 0.0]])
+    bias = torch.tensor([0.0, 0.0, 5.0, 9.0])
+    x = logits.clone().requires_grad_()
+    weights, ids, counts, _, _ = kernels.fused_router(x, 2, "sigmoid", False, impl=impl, bias=bias)
+    # row 0: 3 (0.5 + 9), 2 (0.73 + 5); row 1: expert 3 is masked -> 2, 0; row 2: sigmoid 0.5 + bias -> 3, 2
+    assert ids.tolist() == [[3, 2], [2, 0], [3, 2]]
+    torch.testing.assert_close(weights, torch.sigmoid(logits.gather(1, ids.long())))  # unbiased scores
+    assert counts.tolist() == [1, 0, 3, 2]
+    tied = kernels.fused_router(torch.zeros(2, 5), 3, impl=impl, bias=torch.zeros(5))[1]
+    assert tied.tolist() == [[0, 1, 2]] * 2  # ties to the lower id, as without a bias
+    weights.sum().backward()
+    # d sigmoid(x)/dx at the chosen entries only; the bias is not a tensor input of the graph
+    expected = torch.zeros_like(logits).scatter(1, ids.long(), (weights * (1 - weights)).detach())
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_reference_bias_matches_library_routing():
+    logits = _logits(29, 11, seed=23)
+    bias = torch.randn(11, generator=torch.Generator().manual_seed(4)) * 0.2
+    for score in ("softmax", "sigmoid"):
+        r = route(logits, 3, score=score, renormalize=True, bias=bias)
+        weights, ids, counts, _, _ = kernels.fused_router(logits, 3, score, True, impl="torch", bias=bias)
+        assert torch.equal(ids.long(), r.ids) and torch.equal(counts.long(), r.counts)
+        torch.testing.assert_close(weights, r.weights, **FP32_OUT)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. The reference tied to moe.routing / moe.losses, and its backward to autograd
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,12 +255,14 @@ def test_router_dtypes(dtype, T, E, k, score):
 
 @pytest.mark.parametrize("T,E,k", [(33, 13, 3), (16, 8, 8), (7, 5, 1)])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_reference_matches_library_routing_and_losses(T, E, k, renormalize):
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_reference_matches_library_routing_and_losses(T, E, k, renormalize, score):
+    # sigmoid: prob_sums are the sums of the per-token normalised scores, the distribution route's aux loss uses
     logits = _logits(T, E, seed=11)
     x_lib = logits.clone().requires_grad_()
-    r = route(x_lib, k, renormalize=renormalize)
+    r = route(x_lib, k, score=score, renormalize=renormalize)
     x_ref = logits.clone().requires_grad_()
-    weights, ids, counts, prob_sums, lse = kernels.fused_router(x_ref, k, renormalize=renormalize, impl="torch")
+    weights, ids, counts, prob_sums, lse = kernels.fused_router(x_ref, k, score, renormalize, impl="torch")
     torch.testing.assert_close(weights, r.weights, **FP32_OUT)
     assert torch.equal(ids.long(), r.ids) and torch.equal(counts.long(), r.counts)
 
@@ -222,7 +289,8 @@ def test_reference_backward_equals_autograd(score, renormalize):
     w = p.gather(1, ids.long())
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
-    outs = (w, ids, None, p.sum(0), torch.logsumexp(x, -1))
+    q = p if score == "softmax" else p / p.sum(-1, keepdim=True)  # the distribution the aux loss uses
+    outs = (w, ids, None, q.sum(0), torch.logsumexp(x, -1))
     _upstream(outs, "all").backward()
     gw, gp, gl = _split_grads((weights, ids, None, prob_sums, lse), "all")
     grad = ref.fused_router_backward(logits, weights, ids, lse, gw, gp, gl, score, renormalize)
@@ -437,12 +505,13 @@ def test_impl_resolution(monkeypatch):
 def test_custom_ops_pass_opcheck():
     # schema, fake (meta) functions and autograd registration of every op, on the reference implementation
     logits = torch.randn(6, 5, requires_grad=True)
-    weights, ids, counts, _, lse = ops.fused_router(logits.detach(), 2, "softmax", True, "torch")
+    weights, ids, counts, _, lse = ops.fused_router(logits.detach(), 2, "softmax", True, None, "torch")
     x = torch.randn(6, 4, requires_grad=True)
     y = torch.randn(12, 4, requires_grad=True)
     rows = ops.slot_rows(ids, counts, "torch")
     cases = [
-        (ops.fused_router, (logits, 2, "sigmoid", False, "torch")),
+        (ops.fused_router, (logits, 2, "sigmoid", False, None, "torch")),
+        (ops.fused_router, (logits, 2, "softmax", True, torch.randn(5), "torch")),
         (ops.fused_router_backward, (logits.detach(), weights, ids, lse, weights, None, lse, "softmax", True, "torch")),
         (ops.slot_rows, (ids, counts, "torch")),
         (ops.permute, (x, ids, counts, "torch")),
@@ -550,9 +619,11 @@ def _compile_for_sm90() -> None:
     for dt, bitonic, E, K in [("bf16", False, 64, 8), ("fp32", True, 256, 8), ("fp16", False, 13, 3)]:
         bt, be, bk, nw = tr._tiles(E, K, None)
         types = dict(logits_ptr=f"*{dt}", weights_ptr=f32, ids_ptr="*i32", counts_ptr="*i32", prob_sums_ptr=f32)
-        types.update(lse_ptr=f32, T=i32, E=i32, stride_t=i32, rows_per_program=i32)
-        flags = dict(K=K, SIGMOID=False, RENORMALIZE=True, KEY16=dt != "fp32", BITONIC=bitonic)
-        build(tr._router_fwd_kernel, types, dict(**flags, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk), nw)
+        types.update(lse_ptr=f32, bias_ptr=f32, T=i32, E=i32, stride_t=i32, rows_per_program=i32)
+        for has_bias in (False, True):
+            flags = dict(K=K, SIGMOID=dt == "fp16", RENORMALIZE=True, HAS_BIAS=has_bias)
+            flags.update(KEY16=dt != "fp32" and not has_bias, BITONIC=bitonic)
+            build(tr._router_fwd_kernel, types, dict(**flags, BLOCK_T=bt, BLOCK_E=be, BLOCK_K=bk), nw)
     for sigmoid in (False, True):
         types = dict(logits_ptr="*bf16", weights_ptr=f32, ids_ptr="*i32", lse_ptr=f32, grad_weights_ptr=f32)
         types.update(grad_prob_sums_ptr=f32, grad_lse_ptr=f32, grad_logits_ptr="*bf16", T=i32, E=i32, K=i32)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moe.losses import load_balancing_loss, router_z_loss
+from moe.losses import balance_loss, load_balancing_loss, router_z_loss, z_loss_from_lse
 from moe.routing import route, softmax_topk
 
 
@@ -67,6 +67,26 @@ def test_switch_loss_hand_worked_collapse():
     probs = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(4, 1)
     ids = torch.zeros(4, 1, dtype=torch.long)
     assert load_balancing_loss(probs, ids, 4).item() == pytest.approx(2.8)
+
+
+def test_losses_from_column_sums_hand_worked():
+    # what the fused router hands over: prob_sums [E], counts [E], lse [T]; the collapse above from sums alone
+    prob_sums, counts = torch.tensor([2.8, 0.4, 0.4, 0.4]), torch.tensor([4, 0, 0, 0])
+    assert balance_loss(prob_sums, counts, 4, 1).item() == pytest.approx(2.8)
+    assert balance_loss(prob_sums, counts, 4, 1, "hf").item() == pytest.approx(2.8)  # k=1: the same
+    # k=2 on 2 tokens, expert 0 takes 3 of the 4 slots: switch 4 * (3/4 * 0.7 + 1/4 * 0.1) = 2.2, hf = 2 * switch
+    prob_sums2, counts2 = torch.tensor([1.4, 0.2, 0.2, 0.2]), torch.tensor([3, 1, 0, 0])
+    assert balance_loss(prob_sums2, counts2, 2, 2).item() == pytest.approx(2.2)
+    assert balance_loss(prob_sums2, counts2, 2, 2, "hf").item() == pytest.approx(4.4)
+    # data-parallel counts (another rank balanced the load: [3, 1, 2, 2] over 8 slots) replace the local ones
+    glob = torch.tensor([3, 1, 2, 2])
+    assert balance_loss(prob_sums2, counts2, 2, 2, "switch", glob).item() == pytest.approx(4 * (3 * 0.7 + 0.1 + 0.2
+                                                                                               + 0.2) / 8)  # fmt: skip
+    with pytest.raises(ValueError, match="'switch' and 'hf'"):
+        balance_loss(prob_sums, counts, 4, 1, "sequence")
+    lse = torch.tensor([math.log(2), 0.0, -1.0])
+    assert z_loss_from_lse(lse).item() == pytest.approx((math.log(2) ** 2 + 1) / 3)
+    assert z_loss_from_lse(lse[:0]).item() == 0.0
 
 
 def test_switch_loss_gradient_flows_through_probs_only():

@@ -6,6 +6,10 @@ what the routers did during training and validation batches: the load per expert
 batches carry ``task_id``), the expert x token-class counts (when the datamodule has ``token_classes``), the
 router entropy, the aux and z losses and the dropped slots. The module itself does nothing for it.
 
+The router entropy needs the full ``[T, E]`` distribution, which a fused router never writes
+(``moe.routing.RouterAux.probs`` computes it when read): the callback reads it on validation batches and on the
+training batches of logging steps only, so ``entropy`` is the mean over the tokens of those batches.
+
 Every ``every_n_steps`` training steps (default: the Trainer's ``log_every_n_steps``) and at each validation
 end it logs, per layer, under ``routing/{train,val}/layer{i}/``: ``util_min``, ``max_mean``, ``cv``,
 ``dead_frac``, ``eff_experts``, ``entropy``, ``aux_loss``, ``z_loss``, ``dropped_frac``, ``mi_task`` and the
@@ -53,7 +57,8 @@ class _Window:
     load_global: bool = False
     joint: torch.Tensor | None = None  # [E, tasks]
     classes: torch.Tensor | None = None  # [E, token classes]
-    scalars: dict[str, torch.Tensor] = field(default_factory=dict)  # sums: entropy, tokens, aux, z, dropped, batches
+    # sums: entropy (over the tokens of the batches that read probs), tokens (those tokens), aux, z, dropped, batches
+    scalars: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().double().reshape(())
@@ -112,12 +117,14 @@ class RoutingStatsCallback(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start("train", batch)
         self.step_now = trainer.global_step + 1  # the step this batch's optimizer step will complete
+        # the router's [T, E] distribution is materialised for the entropy on logging steps only
+        self.read_probs = self.step_now % self.every_n_steps == 0 or self.step_now >= (trainer.max_steps or 0) > 0
         self.tracing = self.trace_rows < self.trace_max_rows and (trainer.global_step + 1) % self.every_n_steps == 0
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.sanity_checking:
             self._start("val", batch)
-            self.tracing = False
+            self.tracing, self.read_probs = False, True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.split = None
@@ -147,12 +154,14 @@ class RoutingStatsCallback(L.Callback):
         if self.split is None:
             return
         r, kind, lead = output[1], self.layers[idx][2], inputs[0].shape[:-1]
-        w, E, T = self.windows[self.split][idx], r.probs.shape[-1], r.probs.shape[0]
-        w.add("entropy", mean_entropy(r.probs))
-        w.add("tokens", torch.tensor(T, device=r.probs.device))
+        w, E, T = self.windows[self.split][idx], r.counts.shape[0], r.ids.shape[0]
+        device = r.counts.device
+        if self.read_probs or kind != "sparse":  # soft and SMEAR layers hold their probs anyway
+            w.add("entropy", mean_entropy(r.probs))
+            w.add("tokens", torch.tensor(T, device=device))
         w.add("aux", r.aux_loss)
         w.add("z", r.z_loss)
-        w.add("batches", torch.tensor(1, device=r.probs.device))
+        w.add("batches", torch.tensor(1, device=device))
         if r.dropped_fraction is not None:
             w.add("dropped", r.dropped_fraction)
         if kind == "soft":
@@ -204,8 +213,9 @@ class RoutingStatsCallback(L.Callback):
             s = {k: self._reduce(trainer, v).item() for k, v in sorted(w.scalars.items())}
             if not s:
                 continue
-            per = {"entropy": s["entropy"] / max(s["tokens"], 1), "aux_loss": s["aux"] / s["batches"],
-                   "z_loss": s["z"] / s["batches"]}  # fmt: skip
+            per = {"aux_loss": s["aux"] / s["batches"], "z_loss": s["z"] / s["batches"]}
+            if "entropy" in s:  # read on the window's logging step (every rank alike: the keys match)
+                per["entropy"] = s["entropy"] / max(s["tokens"], 1)
             if "dropped" in s:
                 per["dropped_frac"] = s["dropped"] / s["batches"]
             rec = {"step": step, "split": split, "layer": i, "name": name, "kind": kind}
@@ -301,7 +311,8 @@ class RoutingStatsCallback(L.Callback):
             if self.history[i]:
                 steps = [s for s, _ in self.history[i]]
                 images[f"routing/layer{i}/load_over_training"] = plots.load_over_training(
-                    steps, [ld for _, ld in self.history[i]], f"layer {i}: load over training")
+                    steps, [ld for _, ld in self.history[i]], f"layer {i}: load over training"
+                )
             self.plot_joint[i] = _Window()
         if images:
             import wandb

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe.routing import RoutingResult
+from moe.routing import RoutingPlan
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,10 @@ class AllToAllDispatcher:
         self.local, self.groups = local, groups
         self.num_experts, self.num_local = num_experts, num_experts // groups.ep_size
 
-    def dispatch(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, AllToAllPlan]:
+    def dispatch(self, x_TD: torch.Tensor, r: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, AllToAllPlan]:
         P, L, group = self.groups.ep_size, self.num_local, self.groups.ep_group
+        # counts_E: the rows per expert the local dispatcher produced; dropless, that is the router's counts_E itself
+        # (the fused kernel's histogram goes straight into the count exchange, nothing is recounted)
         x_SD, counts_E, inner = self.local.dispatch(x_TD, r)
         counts_PL = counts_E.to(torch.int64).reshape(P, L)
         recv_PL = torch.empty_like(counts_PL)

@@ -5,10 +5,11 @@ Shapes: T tokens, d model width, k experts per token, E experts, S dispatched ro
 
 Every dispatcher has one interface, used by ``moe.layers.MoELayer``::
 
-    x_SD, counts_E, plan = dispatcher.dispatch(x_TD, routing)   # rows grouped by expert, counts_E[e] rows for e
+    x_SD, counts_E, plan = dispatcher.dispatch(x_TD, routing)   # routing: the router's moe.routing.RoutingPlan
     y_SD = experts(x_SD, counts_E)
     y_TD = dispatcher.combine(y_SD, plan)                          # back to token order, weighted by the router
 
+``routing`` carries ``weights_TK``, ``ids_TK`` and the router's ``counts_E`` (used as they are: no recount).
 ``plan`` is a frozen record of what combine needs; ``plan.dropped_fraction`` is the share of (token, choice)
 slots that a capacity dropped (None when nothing can be dropped). These are the expert-parallel base case: the
 all-to-all dispatcher (``moe.dispatch.all_to_all``) wraps one of them and moves the rows between ranks.
@@ -23,7 +24,7 @@ import torch
 from einops import rearrange
 
 from moe import kernels
-from moe.routing import RoutingResult
+from moe.routing import RoutingPlan
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,18 @@ class ExpertChoicePlan:
 
 
 def slot_order(
-    ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, capacity: int | None, policy: str
+    ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    capacity: int | None,
+    policy: str,
+    counts_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept slots (``t*k + j`` indices) grouped by expert, and the kept count per expert ``[E]``.
 
     Dropless (``capacity=None``): every slot, stable within an expert. Otherwise each expert keeps at most
     ``capacity`` slots: those with the highest weight ("probability") or the earliest tokens ("position").
+    ``counts_E``: the histogram of ``ids_TK`` when the router already has it (else it is counted here).
     """
     flat_ids = ids_TK.reshape(-1)
     if capacity is None or policy == "position":
@@ -63,7 +70,7 @@ def slot_order(
     else:
         by_weight = torch.argsort(-weights_TK.detach().reshape(-1), stable=True)
         order = by_weight[torch.argsort(flat_ids[by_weight], stable=True)]
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    counts = counts_E.long() if counts_E is not None else torch.bincount(flat_ids, minlength=num_experts)
     if capacity is None:
         return order, counts
     starts = torch.cumsum(counts, 0) - counts
@@ -76,9 +83,9 @@ class DroplessDispatcher:
     """Every (token, choice) slot reaches its expert: ``moe.kernels.permute`` / ``unpermute`` (gathers only, so
     the combine and its backward are deterministic)."""
 
-    def dispatch(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, DroplessPlan]:
-        x_SD, rows_TK = kernels.permute(x_TD, r.ids, r.counts)
-        return x_SD, r.counts, DroplessPlan(r.weights, rows_TK)
+    def dispatch(self, x_TD: torch.Tensor, r: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, DroplessPlan]:
+        x_SD, rows_TK = kernels.permute(x_TD, r.ids_TK, r.counts_E)
+        return x_SD, r.counts_E, DroplessPlan(r.weights_TK, rows_TK)
 
     def combine(self, y_SD: torch.Tensor, plan: DroplessPlan) -> torch.Tensor:
         return kernels.unpermute(y_SD, plan.weights_TK.to(y_SD.dtype), plan.rows_TK)
@@ -92,12 +99,13 @@ class CapacityDispatcher:
     def __init__(self, num_experts: int, capacity_factor: float, drop_policy: str):
         self.num_experts, self.capacity_factor, self.drop_policy = num_experts, capacity_factor, drop_policy
 
-    def dispatch(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, CapacityPlan]:
-        T, k = r.ids.shape
+    def dispatch(self, x_TD: torch.Tensor, r: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, CapacityPlan]:
+        T, k = r.ids_TK.shape
         capacity = math.ceil(self.capacity_factor * T * k / self.num_experts)
-        order_S, counts_E = slot_order(r.ids, r.weights, self.num_experts, capacity, self.drop_policy)
-        dropped = 1.0 - order_S.numel() / max(T * k, 1) + r.weights.new_zeros(())
-        return x_TD[order_S // k], counts_E, CapacityPlan(r.weights, order_S, T, dropped)
+        order_S, counts_E = slot_order(r.ids_TK, r.weights_TK, self.num_experts, capacity, self.drop_policy,
+                                       r.counts_E)  # fmt: skip
+        dropped = 1.0 - order_S.numel() / max(T * k, 1) + r.weights_TK.new_zeros(())
+        return x_TD[order_S // k], counts_E, CapacityPlan(r.weights_TK, order_S, T, dropped)
 
     def combine(self, y_SD: torch.Tensor, plan: CapacityPlan) -> torch.Tensor:
         k = plan.weights_TK.shape[1]
@@ -107,13 +115,12 @@ class CapacityDispatcher:
 
 
 class ExpertChoiceDispatcher:
-    """Expert choice: expert e takes the tokens ``routing.expert_tokens[e]`` (C each); a token's output is the sum
+    """Expert choice: expert e takes the tokens ``routing.expert_tokens_EC[e]`` (C each); a token's output is the sum
     of its experts' outputs times their gates (an ``index_add``, since a token may have 0..E experts)."""
 
-    def dispatch(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, torch.Tensor, ExpertChoicePlan]:
-        E, C = r.expert_tokens.shape
-        x_SD = x_TD[r.expert_tokens.reshape(-1)]
-        return x_SD, torch.full((E,), C, device=x_TD.device), ExpertChoicePlan(r.weights, r.expert_tokens, len(x_TD))
+    def dispatch(self, x_TD: torch.Tensor, r: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor, ExpertChoicePlan]:
+        x_SD = x_TD[r.expert_tokens_EC.reshape(-1)]
+        return x_SD, r.counts_E, ExpertChoicePlan(r.weights_TK, r.expert_tokens_EC, len(x_TD))
 
     def combine(self, y_SD: torch.Tensor, plan: ExpertChoicePlan) -> torch.Tensor:
         E = plan.tokens_EC.shape[0]

@@ -2,7 +2,8 @@
 
 Public API (shapes: T tokens, E experts, K experts per token, D hidden size)::
 
-    weights_TK, ids_TK, counts_E, prob_sums_E, lse_T = fused_router(logits_TE, k, score="softmax", renormalize=True)
+    weights_TK, ids_TK, counts_E, prob_sums_E, lse_T = fused_router(logits_TE, k, score="softmax", renormalize=True,
+                                                                    bias=None)  # bias_E: selection only
     x_SD, rows_TK = permute(x_TD, ids_TK, counts_E)      # S = T*K rows, contiguous per expert
     y_TD = unpermute(y_SD, weights_TK, rows_TK)          # deterministic weighted combine
     rows_TK = slot_rows(ids_TK, counts_E)                # permute's row map alone (no data movement)
@@ -82,7 +83,12 @@ def _check_counts(counts: torch.Tensor, device: torch.device) -> None:
 
 
 def fused_router(
-    logits: torch.Tensor, k: int, score: str = "softmax", renormalize: bool = True, impl: str = "auto"
+    logits: torch.Tensor,
+    k: int,
+    score: str = "softmax",
+    renormalize: bool = True,
+    impl: str = "auto",
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k routing plus its load and loss statistics, from one pass over ``logits [T, E]``.
 
@@ -90,9 +96,12 @@ def fused_router(
 
     - ``weights_TK[t, j]``: score of the j-th best expert ``ids_TK[t, j]`` (descending; ties to the lower id),
       divided by the sum of the k kept scores when ``renormalize``;
+    - with ``bias [E]`` (DeepSeek-V3 auxiliary-loss-free balancing) the experts are ranked by ``score + bias``
+      instead; the weights stay the unbiased scores, and the bias gets no gradient;
     - ``counts_E[e]``: number of (token, choice) slots on expert e (sums to T*k);
-    - ``prob_sums_E[e] = sum_t p_te``: the column sums of the scores (softmax probabilities or sigmoid scores),
-      differentiable, so the load-balancing loss gets its gradient through them;
+    - ``prob_sums_E[e] = sum_t q_te``: the column sums of the router distribution (softmax probabilities, or
+      sigmoid scores normalised per token), differentiable, so the load-balancing loss gets its gradient through
+      them;
     - ``lse_T[t] = logsumexp(logits[t])``: differentiable, for the z-loss (for both score functions).
 
     Math in fp32 for any float dtype. ``-inf`` logits are masked: never chosen while a finite one is left; a row with
@@ -112,7 +121,12 @@ def fused_router(
             f"score={score!r}: only {FUSED_SCORES} are fused (the single pass needs a closed-form per-element "
             "normaliser); route other score functions through moe.routing / moe.gating"
         )
-    return ops.fused_router(logits, k, score, bool(renormalize), resolve_impl(impl, logits, E))
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (E,) or bias.device != logits.device:
+            got = f"shape {list(bias.shape)} on {bias.device}" if isinstance(bias, torch.Tensor) else type(bias)
+            raise ValueError(f"bias: expected a float tensor of shape [{E}] on {logits.device}, got {got}")
+        bias = bias.detach().float().contiguous()
+    return ops.fused_router(logits, k, score, bool(renormalize), bias, resolve_impl(impl, logits, E))
 
 
 def slot_rows(ids: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:

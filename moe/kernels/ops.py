@@ -1,7 +1,8 @@
 """``torch.library`` custom ops over the reference and Triton kernels, with fake (meta) functions and autograd.
 
-Each op takes a resolved ``impl`` string, "torch" (``reference.py``) or "triton" (``triton_router.py`` /
-``triton_permute.py``, imported on first use so the package works without triton). Being custom ops, they are
+Each op takes a resolved ``impl`` string, "torch" (``reference.py``; the permute ops on CPU tensors use
+``cpu_permute.py``, same results in fewer passes) or "triton" (``triton_router.py`` / ``triton_permute.py``, imported
+on first use so the package works without triton). Being custom ops, they are
 opaque leaves to ``torch.compile``: it traces around them from the fake functions, without looking inside
 (neither the Triton launch nor the interpreter is traceable). The public, validating API is
 ``moe/kernels/__init__.py``; these ops trust their arguments.
@@ -16,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from moe.kernels import reference
+from moe.kernels import cpu_permute, reference
 
 _LIB = "moe_kernels"
 
@@ -25,8 +26,11 @@ def _router_backend(impl: str) -> ModuleType:
     return reference if impl == "torch" else importlib.import_module("moe.kernels.triton_router")
 
 
-def _permute_backend(impl: str) -> ModuleType:
-    return reference if impl == "torch" else importlib.import_module("moe.kernels.triton_permute")
+def _permute_backend(impl: str, t: torch.Tensor) -> ModuleType:
+    """For "torch": ``cpu_permute`` on CPU tensors (the reference's results in fewer passes), else the reference."""
+    if impl == "torch":
+        return cpu_permute if t.device.type == "cpu" else reference
+    return importlib.import_module("moe.kernels.triton_permute")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,14 +40,15 @@ def _permute_backend(impl: str) -> ModuleType:
 
 @torch.library.custom_op(f"{_LIB}::fused_router", mutates_args=())
 def fused_router(
-    logits: torch.Tensor, k: int, score: str, renormalize: bool, impl: str
+    logits: torch.Tensor, k: int, score: str, renormalize: bool, bias: torch.Tensor | None, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weights_TK fp32, ids_TK int32, counts_E int32, prob_sums_E fp32, lse_T fp32) from ``logits [T, E]``."""
-    return _router_backend(impl).fused_router(logits, k, score, renormalize)
+    """(weights_TK fp32, ids_TK int32, counts_E int32, prob_sums_E fp32, lse_T fp32) from ``logits [T, E]``;
+    ``bias [E]`` (or None) only ranks the experts."""
+    return _router_backend(impl).fused_router(logits, k, score, renormalize, bias)
 
 
 @fused_router.register_fake
-def _(logits, k, score, renormalize, impl):
+def _(logits, k, score, renormalize, bias, impl):
     T, E = logits.shape
     return (
         logits.new_empty(T, k, dtype=torch.float32),
@@ -79,7 +84,7 @@ def _(logits, weights, ids, lse, grad_weights, grad_prob_sums, grad_lse, score, 
 
 
 def _fused_router_setup(ctx, inputs, output):
-    logits, _, score, renormalize, impl = inputs
+    logits, _, score, renormalize, _, impl = inputs
     weights, ids, _, _, lse = output
     ctx.save_for_backward(logits, weights, ids, lse)  # no [T, E] score tensor: the backward recomputes it
     ctx.score, ctx.renormalize, ctx.impl = score, renormalize, impl
@@ -87,12 +92,12 @@ def _fused_router_setup(ctx, inputs, output):
 
 def _fused_router_grad(ctx, grad_weights, grad_ids, grad_counts, grad_prob_sums, grad_lse):
     if not ctx.needs_input_grad[0] or (grad_weights is None and grad_prob_sums is None and grad_lse is None):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     logits, weights, ids, lse = ctx.saved_tensors
     grad_logits = fused_router_backward(
         logits, weights, ids, lse, grad_weights, grad_prob_sums, grad_lse, ctx.score, ctx.renormalize, ctx.impl
     )
-    return grad_logits, None, None, None, None
+    return grad_logits, None, None, None, None, None  # the bias only selects: no gradient
 
 
 fused_router.register_autograd(_fused_router_grad, setup_context=_fused_router_setup)
@@ -106,7 +111,7 @@ fused_router.register_autograd(_fused_router_grad, setup_context=_fused_router_s
 @torch.library.custom_op(f"{_LIB}::slot_rows", mutates_args=())
 def slot_rows(ids: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
     """``rows_TK [T, K]`` int32: the expert-sorted row of each (token, choice) slot."""
-    return _permute_backend(impl).slot_rows(ids, counts)
+    return _permute_backend(impl, ids).slot_rows(ids, counts)
 
 
 @slot_rows.register_fake
@@ -117,7 +122,7 @@ def _(ids, counts, impl):
 @torch.library.custom_op(f"{_LIB}::permute", mutates_args=())
 def permute(x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [T, D] -> (x_sorted [T*K, D], rows_TK [T, K] int32)``."""
-    return _permute_backend(impl).permute(x, ids, counts)
+    return _permute_backend(impl, x).permute(x, ids, counts)
 
 
 @permute.register_fake
@@ -129,7 +134,7 @@ def _(x, ids, counts, impl):
 @torch.library.custom_op(f"{_LIB}::gather_rows", mutates_args=())
 def gather_rows(y_sorted: torch.Tensor, weights: torch.Tensor | None, rows: torch.Tensor, impl: str) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * y_sorted[rows[t, j]]`` (unweighted if weights is None), ``[T, D]``."""
-    return _permute_backend(impl).unpermute(y_sorted, weights, rows)
+    return _permute_backend(impl, y_sorted).unpermute(y_sorted, weights, rows)
 
 
 @gather_rows.register_fake
@@ -147,7 +152,9 @@ def unpermute_backward(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_y_sorted ``[T*K, D]``, grad_weights ``[T, K]``, or an empty ``[0]`` tensor when not needed)."""
-    grad_y, grad_w = _permute_backend(impl).unpermute_backward(grad_out, y_sorted, weights, rows, need_grad_weights)
+    grad_y, grad_w = _permute_backend(impl, grad_out).unpermute_backward(
+        grad_out, y_sorted, weights, rows, need_grad_weights
+    )
     return grad_y, (weights.new_empty(0) if grad_w is None else grad_w)
 
 

@@ -15,14 +15,19 @@ Router semantics (shared with the Triton kernel)
 - Selection ranks the fp32 *logits* (both score functions are strictly increasing, so this is the score order
   without the rounding collisions of the scores themselves, e.g. sigmoid saturating at 1.0), descending, ties to
   the lower expert id. -0.0 ties with +0.0.
+- With a selection ``bias [E]`` (DeepSeek-V3's auxiliary-loss-free balancing) it ranks ``p_te + bias_e`` in fp32
+  instead (``-inf`` logits stay ``-inf``), ties to the lower id; the weights stay the unbiased scores ``p`` and the
+  bias gets no gradient.
 - ``-inf`` logits mean "masked": they score 0 and are never selected while the row has another finite logit left.
   A row with fewer than K finite logits fills its remaining choices with its lowest-id ``-inf`` experts, at
   weight 0; they are real slots (counted, dispatched), they just contribute nothing and get no gradient.
   A row of only ``-inf`` gets weights 0, ids ``0..K-1``, scores 0 and ``lse = -inf`` (where plain softmax gives
   NaN). ``+inf`` and NaN logits are not supported.
 - ``renormalize=True`` divides the K kept scores by their sum (0 if the sum is 0).
-- ``prob_sums_E = sum_t p_te`` over *all* experts (softmax probabilities, or sigmoid scores). With it the Switch
-  load-balancing loss is ``E * sum_e (counts_e / (T*K)) * (prob_sums_e / T)`` (``moe.losses``).
+- ``prob_sums_E = sum_t q_te`` over *all* experts, ``q`` the router's distribution over experts: the softmax
+  probabilities, or the sigmoid scores normalised per token, ``q_te = s_te / sum_e' s_te'`` (DeepSeek-V3's
+  ``s'``; 0 on a row of zeros), as ``moe.routing`` defines the aux loss' distribution. With it the Switch
+  load-balancing loss is ``E * sum_e (counts_e / (T*K)) * (prob_sums_e / T)`` (``moe.losses.balance_loss``).
 - ``lse_T = logsumexp_e x_te`` for both score functions (the router z-loss is ``mean(lse**2)``; for sigmoid the
   z-loss still penalises the logits' log-partition, as ST-MoE defines it on logits).
 """
@@ -46,22 +51,32 @@ def _softmax_probs(x_TE: torch.Tensor, lse_T: torch.Tensor) -> torch.Tensor:
     return _scores(x_TE, lse_T, "softmax")
 
 
+def _inv_row_sums(s_TE: torch.Tensor) -> torch.Tensor:
+    """``1 / sum_e s_te`` as ``[T, 1]``, 0 where the row sums to 0 (sigmoid scores of an all ``-inf`` row)."""
+    total_T1 = s_TE.sum(dim=-1, keepdim=True)
+    return torch.where(total_T1 > 0, 1.0 / torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1)), 0.0)
+
+
 def fused_router(
-    logits: torch.Tensor, k: int, score: str = "softmax", renormalize: bool = True
+    logits: torch.Tensor, k: int, score: str = "softmax", renormalize: bool = True, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k routing with every statistic a training step needs, from one read of the logits.
 
-    logits: ``[T, E]`` any float dtype. Returns ``(weights_TK fp32, ids_TK int32, counts_E int32, prob_sums_E fp32,
-    lse_T fp32)``: ``weights_TK[t, j]`` is the (optionally renormalised) score of ``ids_TK[t, j]``, in descending
-    order; ``counts_E[e] = #{(t, j): ids_TK[t, j] = e}``; ``prob_sums_E[e] = sum_t p_te``;
-    ``lse_T[t] = logsumexp_e logits[t, e]``. See the module docstring for ties and ``-inf``.
+    logits: ``[T, E]`` any float dtype. bias: None or ``[E]`` fp32, for selection only. Returns ``(weights_TK fp32,
+    ids_TK int32, counts_E int32, prob_sums_E fp32, lse_T fp32)``: ``weights_TK[t, j]`` is the (optionally
+    renormalised) score of ``ids_TK[t, j]``, in selection order; ``counts_E[e] = #{(t, j): ids_TK[t, j] = e}``;
+    ``prob_sums_E[e] = sum_t q_te``; ``lse_T[t] = logsumexp_e logits[t, e]``. See the module docstring for ties,
+    the bias and ``-inf``.
     """
     x_TE = logits.float()
     T, E = x_TE.shape
     lse_T = torch.logsumexp(x_TE, dim=-1)
     p_TE = _scores(x_TE, lse_T, score)
-    # -0.0 == 0.0 for the comparison sort, so they tie and the lower id wins, as in the kernel
-    ids_TK = torch.sort(x_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+    if bias is None:
+        key_TE = x_TE  # -0.0 == 0.0 for the comparison sort, so they tie and the lower id wins, as in the kernel
+    else:
+        key_TE = torch.where(x_TE == float("-inf"), float("-inf"), p_TE + bias.float())
+    ids_TK = torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :k]
     weights_TK = p_TE.gather(1, ids_TK)
     if renormalize:
         total_T1 = weights_TK.sum(dim=-1, keepdim=True)
@@ -69,7 +84,8 @@ def fused_router(
     ids_S = ids_TK.reshape(-1)
     counts_E = torch.zeros(E, dtype=torch.int32, device=logits.device)
     counts_E.scatter_add_(0, ids_S, torch.ones_like(ids_S, dtype=torch.int32))
-    prob_sums_E = p_TE.sum(dim=0)
+    q_TE = p_TE if score == "softmax" else p_TE * _inv_row_sums(p_TE)
+    prob_sums_E = q_TE.sum(dim=0)
     return weights_TK, ids_TK.to(torch.int32), counts_E, prob_sums_E, lse_T
 
 
@@ -95,9 +111,12 @@ def fused_router_backward(
 
         grad = p * (gP - <gP, p>_t + gl_t - [not renorm] dot_t) + scatter(w * (gw - [renorm] dot))
 
-    sigmoid (``s = sigmoid(x)``, ``q = exp(x - lse)``)::
+    sigmoid (``s = sigmoid(x)``, ``S_t = sum_e s_te``, ``n = s / S``, ``q = exp(x - lse)``)::
 
-        grad = gP * s (1 - s) + gl_t * q + scatter(renorm ? (gw - dot) * w * (1 - s_sel) : gw * w * (1 - w))
+        grad = s (1 - s) / S_t * (gP - <gP, n>_t) + gl_t * q
+               + scatter(renorm ? (gw - dot) * w * (1 - s_sel) : gw * w * (1 - w))
+
+    The selection bias does not appear: it only chose ``ids``.
 
     Returned in ``logits.dtype``.
     """
@@ -128,7 +147,10 @@ def fused_router_backward(
     else:
         s_TE = torch.sigmoid(x_TE)
         if grad_prob_sums is not None:
-            grad_TE += grad_prob_sums.float() * s_TE * (1 - s_TE)
+            inv_T1 = _inv_row_sums(s_TE)
+            gP_E = grad_prob_sums.float()
+            gPn_T1 = (s_TE * inv_T1 * gP_E).sum(dim=-1, keepdim=True)
+            grad_TE += s_TE * (1 - s_TE) * inv_T1 * (gP_E - gPn_T1)
         if grad_lse is not None:
             grad_TE += grad_lse.float()[:, None] * _softmax_probs(x_TE, lse)
         if grad_weights is not None:

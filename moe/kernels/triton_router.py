@@ -12,12 +12,14 @@ E logits in registers):
 
 1. ``x`` = the ``[BLOCK_T, BLOCK_E]`` tile in fp32; ``m = max x``, ``d = sum exp(x - m)``, ``lse = m + log d``
    (the online normaliser of Milakov & Gimelshein collapses to this because a row fits one tile).
-2. Scores ``p`` (softmax ``exp(x - m) / d`` or sigmoid) are accumulated elementwise into a register tile.
+2. Scores ``p`` (softmax ``exp(x - m) / d`` or sigmoid) and the distribution ``q`` (``p``, or sigmoid scores over
+   their row sum) are computed; ``q`` is accumulated elementwise into a register tile.
 3. Top-k on packed keys instead of argmax: each logit becomes one integer, ``order_bits(x) << S | (BLOCK_E-1-col)``
    (int32 keys for 16-bit logits, int64 for others; see ``_sort_keys``). Keys are unique per row, a larger key is
    a larger logit or, on equal logits, the lower id, so one ``max`` per round finds both the value and the id,
    and the ids and logits decode from the keys. Two strategies (``_use_bitonic``): K rounds of "take the max,
-   knock it out", or Triton's bitonic ``tl.topk``.
+   knock it out", or Triton's bitonic ``tl.topk``. With a selection bias the keys come from the fp32 values
+   ``p + bias`` (``-inf`` logits kept at ``-inf``) and the weights from the logits gathered at the chosen ids.
 4. The selected ``[BLOCK_T, BLOCK_E]`` entries (knocked out, or ``key >= k-th key``) are accumulated into a
    second register tile; both tiles are reduced over rows once per program into the block-local histograms.
 5. At the end, one int32 atomic per expert for the counts and one fp32 atomic per expert for the score sums, per
@@ -95,6 +97,7 @@ def _router_fwd_kernel(
     counts_ptr,
     prob_sums_ptr,
     lse_ptr,
+    bias_ptr,
     T,
     E,
     stride_t,
@@ -102,6 +105,7 @@ def _router_fwd_kernel(
     K: tl.constexpr,
     SIGMOID: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     KEY16: tl.constexpr,
     BITONIC: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -120,6 +124,8 @@ def _router_fwd_kernel(
     # per-(row slot, expert) partial histograms, reduced over rows once at the end, not once per tile
     hist_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     psum_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
     first_row = pid * rows_per_program
     for sub in range(0, rows_per_program, BLOCK_T):
         rows = first_row + sub + tl.arange(0, BLOCK_T)
@@ -139,13 +145,19 @@ def _router_fwd_kernel(
         inv_d = tl.where(d > 0, 1.0 / d_safe, 0.0)
         tl.store(lse_ptr + rows, tl.where(d > 0, m_safe + tl.log(d_safe), float("-inf")), mask=row_ok)
         if SIGMOID:
-            p = tl.sigmoid(x)
+            p = tl.where(ok, tl.sigmoid(x), 0.0)
+            s_sum = tl.sum(p, axis=1)  # the distribution is s / sum(s); 0 on a row of zeros
+            inv_s = tl.where(s_sum > 0, 1.0 / tl.where(s_sum > 0, s_sum, 1.0), 0.0)
+            psum_TE += p * inv_s[:, None]
         else:
             p = e * inv_d[:, None]
-        psum_TE += tl.where(ok, p, 0.0)
+            psum_TE += tl.where(ok, p, 0.0)
 
         # top-k on unique keys, descending; `selected` marks the K chosen entries of the tile
-        key = _sort_keys(x_raw, ok, cols, BLOCK_E, KEY16)
+        if HAS_BIAS:
+            key = _sort_keys(tl.where(x == float("-inf"), float("-inf"), p + bias[None, :]), ok, cols, BLOCK_E, False)
+        else:
+            key = _sort_keys(x_raw, ok, cols, BLOCK_E, KEY16)
         if BITONIC:
             top = tl.topk(key, BLOCK_K)  # bitonic top-k, sorted descending
             kth = tl.min(tl.where(k_ok[None, :], top, -PAD - 1), axis=1)
@@ -163,6 +175,10 @@ def _router_fwd_kernel(
         hist_TE += selected.to(tl.int32)
 
         sel_ids, x_sel = _decode_keys(top, logits_ptr, BLOCK_E, KEY16)
+        out_ok = row_ok[:, None] & k_ok[None, :]
+        if HAS_BIAS:  # the keys hold p + bias: take the chosen experts' logits from memory (the row is in cache)
+            sel_off = rows[:, None].to(tl.int64) * stride_t + sel_ids
+            x_sel = tl.load(logits_ptr + sel_off, mask=out_ok, other=float("-inf")).to(tl.float32)
         if SIGMOID:
             w = tl.sigmoid(x_sel)
         else:
@@ -171,7 +187,6 @@ def _router_fwd_kernel(
         if RENORMALIZE:
             total = tl.sum(w, axis=1)
             w = w * tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)[:, None]
-        out_ok = row_ok[:, None] & k_ok[None, :]
         out_off = rows[:, None].to(tl.int64) * K + kcols[None, :]
         tl.store(weights_ptr + out_off, w, mask=out_ok)
         tl.store(ids_ptr + out_off, sel_ids, mask=out_ok)
@@ -228,10 +243,13 @@ def _router_bwd_kernel(
         w_tile = tl.load(weights_ptr + tk_off, mask=tk_ok, other=0.0)
         dot = tl.sum(gw_tile * w_tile, axis=1)
     if SIGMOID:
-        s = tl.sigmoid(x)
-        if HAS_GP:
+        s = tl.where(ok, tl.sigmoid(x), 0.0)
+        if HAS_GP:  # through q = s / sum(s): s (1 - s) / S * (gP - <gP, q>)
             gp = tl.load(grad_prob_sums_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            grad += gp[None, :] * s * (1.0 - s)
+            s_sum = tl.sum(s, axis=1)
+            inv_s = tl.where(s_sum > 0, 1.0 / tl.where(s_sum > 0, s_sum, 1.0), 0.0)
+            gpq = tl.sum(s * gp[None, :], axis=1) * inv_s
+            grad += s * (1.0 - s) * inv_s[:, None] * (gp[None, :] - gpq[:, None])
         if HAS_GL:
             coef += tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             grad += q * coef[:, None]
@@ -324,14 +342,15 @@ def fused_router(
     k: int,
     score: str = "softmax",
     renormalize: bool = True,
+    bias: torch.Tensor | None = None,
     *,
     block_t: int | None = None,
     rows_per_program: int | None = None,
     topk: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton launcher of ``reference.fused_router``: ``logits [T, E]`` -> (weights_TK fp32, ids_TK int32, counts_E
-    int32, prob_sums_E fp32, lse_T fp32). ``block_t``, ``rows_per_program`` and ``topk`` ("auto", "rounds",
-    "bitonic") override the tiling and the top-k strategy (tests, tuning)."""
+    """Triton launcher of ``reference.fused_router``: ``logits [T, E]``, ``bias [E]`` fp32 or None -> (weights_TK
+    fp32, ids_TK int32, counts_E int32, prob_sums_E fp32, lse_T fp32). ``block_t``, ``rows_per_program`` and
+    ``topk`` ("auto", "rounds", "bitonic") override the tiling and the top-k strategy (tests, tuning)."""
     logits = logits.contiguous()
     T, E = logits.shape
     dev = logits.device
@@ -351,6 +370,7 @@ def fused_router(
         counts,
         prob_sums,
         lse,
+        lse if bias is None else bias.contiguous(),  # lse stands in for an absent bias; never read then
         T,
         E,
         logits.stride(0),
@@ -358,7 +378,8 @@ def fused_router(
         K=k,
         SIGMOID=score == "sigmoid",
         RENORMALIZE=renormalize,
-        KEY16=logits.element_size() == 2,
+        HAS_BIAS=bias is not None,
+        KEY16=logits.element_size() == 2 and bias is None,
         BITONIC=_use_bitonic(block_e, topk),
         BLOCK_T=block_t,
         BLOCK_E=block_e,
