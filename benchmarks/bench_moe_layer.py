@@ -15,18 +15,23 @@ Candidates:
   block);
 - ``sort + grouped_mm``: ``argsort`` + ``bincount`` + gather + ``grouped_mm`` + ``index_add_`` (the best plain-torch
   path of ../shared/reference/README.md);
-- ``compiled sort + grouped_mm`` with ``--compile``.
+- ``compiled sort + grouped_mm`` with ``--compile``;
+- ``HF MixtralSparseMoeBlock``: Hugging Face transformers' Mixtral block with the experts implementation a
+  ``MixtralModel`` resolves by default (``grouped_mm`` in transformers 5.x), our weights copied in; its output and
+  input gradient must match ``moe.layers.MoELayer`` before anything is timed.
 
-On the CPU the project path runs the PyTorch reference kernels (``impl="auto"``); the issue's CPU target is that
-path >= 2x faster than the loop over experts, printed at the end.
+On the CPU the project path runs the PyTorch kernels (``impl="auto"``). CPU targets, printed at the end:
+``moe.layers.MoELayer`` >= 1.2x faster than the HF block on every shape (issue 14), and the kernels path >= 2x
+faster than the loop over experts. CPU default: fp32, best of 7 interleaved rounds, the three CPU shapes:
 
+    python benchmarks/bench_moe_layer.py --threads 2 --wait-quiet 900      # CPU: ours vs HF, summary table
     python benchmarks/bench_moe_layer.py --json layer.json                 # GPU: the reference configs, bf16
-    python benchmarks/bench_moe_layer.py --configs cpu-fine --threads 1    # CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -36,22 +41,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.timing import DTYPES, Result, environment, print_table, time_interleaved, write_json  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    DTYPES,
+    Result,
+    environment,
+    load_average,
+    print_table,
+    time_interleaved,
+    wait_quiet,
+    write_json,
+)
 from moe import kernels  # noqa: E402
 from moe.config import RouterConfig  # noqa: E402
+from moe.experts import pick_impl  # noqa: E402
 from moe.layers import MoELayer  # noqa: E402
 
 CONFIGS = {  # name: (T, d, f, E, k)
     "mixtral-like": (8192, 4096, 14336, 8, 2),
     "fine-grained": (16384, 2048, 768, 128, 8),
     "fine-grained-64": (16384, 2048, 1408, 64, 6),
+    "cpu-default": (2176, 128, 256, 8, 2),  # the default model's MoE layer: a batch of 128 x 17 tokens
     "cpu-fine": (2048, 256, 128, 32, 4),
     "cpu-fine-64": (1024, 128, 64, 64, 8),
 }
 GPU_DEFAULT = "mixtral-like,fine-grained,fine-grained-64"
-CPU_DEFAULT = "cpu-fine,cpu-fine-64"
+CPU_DEFAULT = "cpu-default,cpu-fine,cpu-fine-64"
 PROJECT = "moe.kernels + grouped_mm"
-BASELINES = ["loop over experts", "sort + grouped_mm", "compiled sort + grouped_mm"]
+HF = "HF MixtralSparseMoeBlock"
+OURS_LAYER = "moe.layers.MoELayer"
+BASELINES = ["loop over experts", "sort + grouped_mm", "compiled sort + grouped_mm", HF]
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch._grouped_mm: older torch
 HAS_GROUPED_MM = GROUPED_MM is not None
 
@@ -93,6 +111,35 @@ def moe_layer(x: torch.Tensor, L: Layer) -> torch.Tensor:
                 ours.copy_(theirs)
         L.moe_layer = layer
     return layer(x)[0]
+
+
+def hf_block(L: Layer):
+    """The HF Mixtral block of a one-layer ``MixtralModel`` (so its experts implementation is the one transformers
+    resolves by default), holding L's weights: ``gate.weight = w_r^T``, ``gate_up_proj[e] = [w1_e | w3_e]^T``,
+    ``down_proj[e] = w2_e^T``. None without transformers."""
+    block = getattr(L, "hf_block", None)
+    if block is None:
+        try:
+            from transformers import MixtralConfig, MixtralModel
+        except ImportError:
+            return None
+        d, E = L.w_r.shape
+        f = L.w1.shape[2]
+        cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=E, num_experts_per_tok=L.k,
+                            num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                            vocab_size=8)  # fmt: skip
+        model = MixtralModel(cfg)
+        block = model.layers[0].mlp.to(L.w1.device, L.w1.dtype)
+        with torch.no_grad():
+            block.gate.weight.copy_(L.w_r.t())
+            block.experts.gate_up_proj.copy_(torch.cat([L.w1, L.w3], dim=2).transpose(1, 2))
+            block.experts.down_proj.copy_(L.w2.transpose(1, 2))
+        L.hf_block, L.hf_impl = block, model.config._experts_implementation
+    return block
+
+
+def hf_mixtral(x: torch.Tensor, L: Layer) -> torch.Tensor:
+    return hf_block(L)(x[None])[0]
 
 
 def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +198,35 @@ def fwd_bwd(fn, x: torch.Tensor, L: Layer, grad: torch.Tensor):
     return step
 
 
+def check_same(x: torch.Tensor, L: Layer, grad: torch.Tensor, tol: float) -> None:
+    """Raise unless the HF block and ``moe.layers.MoELayer`` agree on the output and the input gradient."""
+    errs = []
+    for fn in (moe_layer, hf_mixtral):
+        out = fn(x, L)
+        errs.append((out, *torch.autograd.grad(out, x, grad)))
+    err_out, err_dx = rel_err(errs[1][0], errs[0][0]), rel_err(errs[1][1], errs[0][1])
+    print(f"  HF ({L.hf_impl}) vs {OURS_LAYER}: rel err out {err_out:.1e}, dx {err_dx:.1e}")
+    if not (err_out <= tol and err_dx <= tol):
+        raise RuntimeError(f"HF block and {OURS_LAYER} disagree (rel err {err_out:.1e} / {err_dx:.1e} > {tol})")
+
+
+def experts_impl(x: torch.Tensor, L: Layer) -> str:
+    """The expert implementation ``moe.experts.pick_impl`` chooses for this layer's routing."""
+    _, ids, counts, _, _ = kernels.fused_router(x.detach() @ L.w_r.detach(), L.k)
+    return pick_impl(x.new_empty(ids.numel(), x.shape[1]), counts, L.w1.shape[2])
+
+
+def print_summary(summary: list[tuple], stat: str, rounds: int) -> None:
+    """One line per shape: our layer, the HF block, the ratio, and the 1-min load average around the timing."""
+    print(f"\n## Summary: {OURS_LAYER} vs {HF} ({stat} of {rounds}, forward + backward; target >= 1.2x)")
+    print("\n| shape | ours (ms) | HF (ms) | HF / ours | our experts | HF experts | load avg before / after |")
+    print("|---|---:|---:|---:|---|---|---|")
+    for shape, ours, hf, hf_impl, load0, load1, impl in summary:
+        ok = isinstance(ours, float) and isinstance(hf, float)
+        cells = f"{ours / 1e3:.2f} | {hf / 1e3:.2f} | {hf / ours:.2f}x" if ok else f"{ours} | {hf} | -"
+        print(f"| {shape} | {cells} | {impl} | {hf_impl} | {load0:.2f} / {load1:.2f} |")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -165,7 +241,9 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="a custom T,d,f,E,k (instead of --configs)")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="GPU default bf16, CPU fp32")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (GPU 3, CPU 1)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed steps per candidate (GPU 10, CPU 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per candidate (GPU 10, CPU 7)")
+    parser.add_argument("--stat", choices=["median", "min"], default=None, help="per candidate (GPU median, CPU min)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, help="first wait up to this many s for load < 0.5")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of sort + grouped_mm")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
@@ -177,7 +255,8 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    rounds = args.rounds if args.rounds is not None else (10 if on_gpu else 5)
+    rounds = args.rounds if args.rounds is not None else (10 if on_gpu else 7)
+    stat = args.stat or ("median" if on_gpu else "min")
     if args.shape:
         configs = {"custom": tuple(int(v) for v in args.shape.split(","))}
     else:
@@ -186,10 +265,13 @@ def main() -> None:
         if unknown:
             raise ValueError(f"--configs: unknown {unknown}, expected names from {list(CONFIGS)}")
         configs = {n: CONFIGS[n] for n in names}
-    print(environment(device), f"{dtype}, median of {rounds} interleaved rounds, forward + backward")
+    if args.wait_quiet > 0:
+        waited, load = wait_quiet(args.wait_quiet)
+        print(f"waited {waited:.0f} s for a quiet machine (1-min load average {load:.2f})")
+    print(environment(device), f"{dtype}, {stat} of {rounds} interleaved rounds, forward + backward")
 
     candidates_all = {
-        "moe.layers.MoELayer": moe_layer,
+        OURS_LAYER: moe_layer,
         "moe.kernels + per-expert matmuls": project_per_expert,
         "loop over experts": loop_over_experts,
     }
@@ -197,7 +279,10 @@ def main() -> None:
         candidates_all = {PROJECT: project_grouped_mm, **candidates_all, "sort + grouped_mm": sort_grouped_mm}
         if args.compile:
             candidates_all["compiled sort + grouped_mm"] = torch.compile(sort_grouped_mm)
+    if importlib.util.find_spec("transformers") is not None:
+        candidates_all[HF] = hf_mixtral
     results: list[Result] = []
+    summary: list[tuple] = []
     for name, (T, d, f, E, k) in configs.items():
         shape = f"{name}: T={T} d={d} f={f} E={E} k={k}"
         L = Layer(T, d, f, E, k, device, dtype)
@@ -220,9 +305,15 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 notes[cname] = f"{type(exc).__name__}: {str(exc)[:200]}"
         del reference_out, reference_gx
+        if HF in candidates_all:  # HF and our layer compute the same function: check it before timing anything
+            check_same(x, L, grad, 1e-5 if dtype == torch.float32 else 2e-2)
 
         steps = {cname: fwd_bwd(fn, x, L, grad) for cname, fn in candidates_all.items()}
-        times = time_interleaved(steps, device, warmup, rounds)
+        load0 = load_average()
+        times = time_interleaved(steps, device, warmup, rounds, stat)
+        hf_impl = getattr(L, "hf_impl", None)
+        row = (shape, times.get(OURS_LAYER), times.get(HF), hf_impl, load0, load_average(), experts_impl(x, L))
+        summary.append(row)
         for cname, t in times.items():
             ok = isinstance(t, float)
             results.append(
@@ -242,7 +333,8 @@ def main() -> None:
         if on_gpu:
             torch.cuda.empty_cache()
 
-    print_table("MoE layer forward + backward", results, PROJECT if HAS_GROUPED_MM else "", BASELINES)
+    project = OURS_LAYER if not on_gpu or not HAS_GROUPED_MM else PROJECT
+    print_table("MoE layer forward + backward", results, project, BASELINES)
     if not on_gpu:
         print("\nCPU target: the reference path (moe.kernels on CPU) >= 2x faster than the loop over experts")
         by_shape: dict[str, dict[str, float]] = {}
@@ -253,6 +345,7 @@ def main() -> None:
             for ours in ("moe.layers.MoELayer", PROJECT, "moe.kernels + per-expert matmuls"):
                 if ours in t and "loop over experts" in t:
                     print(f"  {shape}  [{ours}]  loop / ours = {t['loop over experts'] / t[ours]:.2f}x")
+    print_summary(summary, stat, rounds)
     write_json(args.json, "moe_layer", device, vars(args), results)
 
 

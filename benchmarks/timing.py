@@ -1,14 +1,15 @@
 """Shared timing, reporting and JSON output of the kernel benchmarks (``bench_router.py``, ``bench_moe_layer.py``).
 
 Timing: every candidate of one shape is timed in the same process, interleaved round-robin (round r times each
-candidate once, in order), and the median per candidate is reported, so a load change on a shared machine hits
-all candidates alike. On CUDA each call sits between two CUDA events, after a write of 256 MB that flushes the
-L2 cache (as ``triton.testing.do_bench`` does); on the CPU each call is timed with ``time.perf_counter``.
+candidate once, in order), and the median (or the best) per candidate is reported, so a load change on a shared
+machine hits all candidates alike. On CUDA each call sits between two CUDA events, after a write of 256 MB that
+flushes the L2 cache (as ``triton.testing.do_bench`` does); on the CPU each call is timed with ``time.perf_counter``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -53,10 +54,31 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+def wait_quiet(limit_s: float, max_load: float = 0.5, poll_s: float = 5.0) -> tuple[float, float]:
+    """Wait (at most ``limit_s``) until the 1-minute load average is below ``max_load``; returns (seconds waited,
+    load average at the end). The load average lags by about a minute, so a quiet start is not a quiet run:
+    report the load next to every figure."""
+    t0 = time.perf_counter()
+    while load_average() >= max_load and time.perf_counter() - t0 < limit_s:
+        time.sleep(poll_s)
+    return time.perf_counter() - t0, load_average()
+
+
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int
+    candidates: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int, stat: str = "median"
 ) -> dict[str, float | str]:
-    """Median time per call in microseconds for each candidate, or the error text of a candidate that failed."""
+    """Time per call in microseconds for each candidate (``stat``: "median" or "min" over the rounds), or the error
+    text of a candidate that failed."""
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat={stat!r}: expected 'median' or 'min'")
     alive: dict[str, Callable[[], object]] = {}
     out: dict[str, float | str] = {}
     for name, fn in candidates.items():
@@ -87,7 +109,7 @@ def time_interleaved(
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e6)
     for name, values in samples.items():
-        out[name] = statistics.median(values)
+        out[name] = statistics.median(values) if stat == "median" else min(values)
     return out
 
 
