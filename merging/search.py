@@ -9,12 +9,15 @@ the test split; this never sees it. The adapter (``merging.protocols.TaskAdapter
 
 The model is small enough to merge in memory: the whole model is one flattened tensor, so PCB's default global
 scope is exact here.
+
+``sweep_objective`` is what a ``python -m merging -m hydra/sweeper=merge_optuna ...`` job returns: the mean
+``gain_share`` of the merge on the adapter's "search" split (conf/hydra/sweeper/merge_optuna.yaml).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -70,3 +73,44 @@ def search_lambdas(
                 if s > best:
                     best, lams = s, trial
     return lams, best
+
+
+def gain_share(merged: Mapping[str, float], base: Mapping[str, float], own: Mapping[str, float]) -> dict[str, float]:
+    """Per task: (merged - base) / (own - base), the share of its fine-tune's gain over the base that the merge keeps
+    (1: the fine-tune's score, 0: the base's). The same for accuracies and for losses (the sign cancels); a task
+    whose fine-tune scores exactly the base has none."""
+    return {t: (merged[t] - base[t]) / (own[t] - base[t]) for t in own if own[t] != base[t]}
+
+
+# A sweep's jobs run in one process (Hydra's basic launcher): they share the adapter (its data) and the inputs' scores
+_ADAPTERS: dict[str, TaskAdapter] = {}
+_SCORES: dict[tuple[str, str], dict[str, float]] = {}
+
+
+def sweep_objective(config, make_adapter: Callable[[], TaskAdapter]) -> float | None:
+    """What ``python -m merging -m hydra/sweeper=...`` jobs return: the mean gain share of the merged model
+    (``config.out``) over ``config.tasks`` on the adapter's "search" split, never the reported one. None outside a
+    multirun or without ``tasks`` (one per model), so a single merge evaluates nothing."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if config.tasks is None or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    if config.base is None or len(config.tasks) != len(config.models):
+        raise ValueError(f"tasks: a sweep needs base=PATH and one task per model ({len(config.models)})")
+    if repr(config.adapter) not in _ADAPTERS:
+        _ADAPTERS[repr(config.adapter)] = make_adapter()
+    adapter = _ADAPTERS[repr(config.adapter)]
+
+    def scores(path, cache=True):
+        key = (str(path), repr(config.data))
+        if not cache or key not in _SCORES:
+            _SCORES[key] = adapter.evaluate(adapter.load(str(path)), config.data, "search")
+        return _SCORES[key]
+
+    base, merged = scores(config.base), scores(config.out, cache=False)
+    own = {t: scores(m)[t] for m, spec in zip(config.models, config.tasks) for t in spec.split("+")}
+    shares = gain_share(merged, base, own)
+    if not shares:
+        raise ValueError(f"tasks={config.tasks}: no fine-tune scores differently from the base on the search split")
+    return sum(shares.values()) / len(shares)

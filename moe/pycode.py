@@ -12,7 +12,8 @@ generated tables, see ``PyCodeConfig.exclude``). Batches have the multi-task for
   ``other`` (``logging/``, ``ctypes/``...) goes whole. Per domain, units are ordered by a SHA-256 hash of their
   relative path and taken into validation until ``val_fraction`` of the domain's bytes is held out (at least
   one unit each side). So the split is the same on every run and in any file-listing order, and no validation
-  file's bytes are ever trained on.
+  file's bytes are ever trained on. ``tune_fraction > 0`` then holds out a tuning split from the training units
+  the same way (salt ``split_seed + 1``): trained on by nothing, reported by nothing (``tune_split``).
 - **Windows**: per split, each domain's files are concatenated (``[BOS, file, BOS, file, ...]``, sorted by path)
   into one segment of a single uint8 tensor; a window never crosses domains. Training draws ``train_windows``
   random windows per epoch, a pure function of ``(seed, epoch)``; validation takes ``val_windows_per_domain``
@@ -89,6 +90,8 @@ def validate_pycode_config(cfg: PyCodeConfig) -> None:
             raise ValueError(f"data.pycode.{name}: expected at least one domain (or null for all)")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ValueError(f"data.pycode.val_fraction={cfg.val_fraction}: expected 0 < val_fraction < 1")
+    if not 0.0 <= cfg.tune_fraction < 1.0:
+        raise ValueError(f"data.pycode.tune_fraction={cfg.tune_fraction}: expected 0 <= tune_fraction < 1")
     for name in ("seq_len", "batch_size", "train_windows", "val_windows_per_domain"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"data.pycode.{name}={getattr(cfg, name)}: expected >= 1")
@@ -303,6 +306,8 @@ class PyCodeDataModule(L.LightningDataModule):
         self.val_files: list[SourceFile] | None = None
         self.train_corpus: ByteCorpus | None = None
         self.val_split: TaskSplit | None = None
+        self.tune_files: list[SourceFile] = []
+        self.tune_split: TaskSplit | None = None  # windows of the tuning modules (cfg.tune_fraction > 0)
 
     @staticmethod
     def token_classes(tokens: torch.Tensor) -> torch.Tensor:
@@ -323,6 +328,12 @@ class PyCodeDataModule(L.LightningDataModule):
         if not files:
             raise ValueError(f"data.pycode.root={str(self.root)!r}: no .py file found")
         self.train_files, self.val_files = split_files(files, self.cfg.val_fraction, self.cfg.split_seed)
+        if self.cfg.tune_fraction > 0:
+            self.train_files, self.tune_files = split_files(
+                self.train_files, self.cfg.tune_fraction, self.cfg.split_seed + 1
+            )
+            tune_corpus = build_corpus(self.root, self.tune_files, self.eval_tasks)
+            self.tune_split = val_windows(tune_corpus, self.cfg.seq_len, self.cfg.val_windows_per_domain)
         self.train_corpus = build_corpus(self.root, self.train_files, self.cfg.domains)
         val_corpus = build_corpus(self.root, self.val_files, self.eval_tasks)
         self.val_split = val_windows(val_corpus, self.cfg.seq_len, self.cfg.val_windows_per_domain)
