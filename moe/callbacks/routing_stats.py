@@ -203,14 +203,32 @@ class RoutingStatsCallback(L.Callback):
 
     # ---- logging ------------------------------------------------------------------------------------------------
 
-    def _reduce(self, trainer, t: torch.Tensor) -> torch.Tensor:
-        return trainer.strategy.reduce(t.clone(), reduce_op="sum")
+    @staticmethod
+    def _reduce_all(trainer, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every tensor of ``parts`` summed over the data-parallel ranks in one collective (one fp64 buffer: counts
+        stay exact below 2**53), each returned in its own shape and dtype."""
+        if not parts:
+            return []
+        flat = torch.cat([t.detach().reshape(-1).to(parts[0].device, torch.float64) for t in parts])
+        flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        return [x.view(t.shape).to(t.dtype) for x, t in zip(flat.split([t.numel() for t in parts]), parts)]
 
     def _log(self, trainer, pl_module, split: str) -> None:
         step, metrics, records = trainer.global_step, {}, []
-        for i, w in enumerate(self.windows.pop(split, [])):
+        windows = self.windows.pop(split, [])
+        # What this step reduces (every rank alike, in this order): the scalars, then the loads not yet global,
+        # then the joint / class matrices, for every layer.
+        keys = [sorted(w.scalars) for w in windows]
+        wanted = [w.scalars[k] for w, ks in zip(windows, keys) for k in ks]
+        wanted += [w.load for w in windows if w.load is not None and not w.load_global]
+        wanted += [m for w in windows for m in (w.joint, w.classes) if m is not None]
+        reduced = iter(self._reduce_all(trainer, wanted))
+        scalars = [{k: next(reduced).item() for k in ks} for ks in keys]
+        loads = [next(reduced) if w.load is not None and not w.load_global else w.load for w in windows]
+        mats = [[next(reduced) if m is not None else None for m in (w.joint, w.classes)] for w in windows]
+        for i, w in enumerate(windows):
             name, _, kind = self.layers[i]
-            s = {k: self._reduce(trainer, v).item() for k, v in sorted(w.scalars.items())}
+            s = scalars[i]
             if not s:
                 continue
             per = {"aux_loss": s["aux"] / s["batches"], "z_loss": s["z"] / s["batches"]}
@@ -220,16 +238,15 @@ class RoutingStatsCallback(L.Callback):
                 per["dropped_frac"] = s["dropped"] / s["batches"]
             rec = {"step": step, "split": split, "layer": i, "name": name, "kind": kind}
             if w.load is not None:
-                load = w.load if w.load_global else self._reduce(trainer, w.load)
+                load = loads[i]
                 prefix = "argmax_" if kind == "smear" else ""
                 per.update({prefix + k: v for k, v in load_summary(load, self.top_k).items()})
                 rec["load"] = load.tolist()
                 if split == "train":
                     self._warn(i, load, step)
                     self.history[i].append((step, load.tolist()))
-            for key, mat in (("joint", w.joint), ("classes", w.classes)):
+            for key, mat in zip(("joint", "classes"), mats[i]):
                 if mat is not None:
-                    mat = self._reduce(trainer, mat)
                     rec[key] = mat.tolist()
                     rec["task_names" if key == "joint" else "class_names"] = (
                         self.task_names if key == "joint" else self.class_names
