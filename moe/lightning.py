@@ -19,6 +19,7 @@ from moe.data import ALL_TASKS
 from moe.evaluate import target_loss_and_correct
 from moe.losses import router_loss
 from moe.model import MoETransformer
+from moe.routing import raise_router_faults
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -56,6 +57,9 @@ class MoELitModule(L.LightningModule):
             {"model": asdict(model), "router": asdict(router), "optim": asdict(optim), "max_steps": max_steps}
         )
         self.model = MoETransformer(model, router)
+        for m in self.model.modules():  # non-finite router logits: raised once per step, not one sync per layer
+            if hasattr(m, "defer_checks"):
+                m.defer_checks = True
         self.router_cfg, self.optim_cfg, self.max_steps = router, optim, max_steps
         self.task_names, self.objective = list(task_names or ALL_TASKS), objective
         self.eval_tasks = list(eval_tasks or self.task_names)
@@ -75,6 +79,7 @@ class MoELitModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss_B, correct, routings = self._step(batch)
+        raise_router_faults([r.aux.faults for r in routings if r.aux.faults is not None])  # one sync for all layers
         ce = loss_B.mean()
         loss = ce + router_loss(routings, self.router_cfg.aux_loss_coef, self.router_cfg.z_loss_coef).to(ce)
         quality = {"train/bpb": ce / math.log(2)} if self.objective == "lm" else {

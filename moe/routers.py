@@ -30,6 +30,7 @@ from moe.routing import (
     RoutingResult,
     check_logits,
     fused_applies,
+    input_faults,
     route,
     route_fused,
     softmax_limit,
@@ -48,6 +49,17 @@ def _check(cfg: RouterConfig, num_experts: int) -> None:
         raise ValueError(f"router.jitter={cfg.jitter}: expected 0 <= jitter < 1")
     if cfg.impl not in IMPLS:
         raise ValueError(f"router.impl={cfg.impl!r}: expected one of {IMPLS}")
+
+
+def check_in_training(router: nn.Module, logits_TE: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """A router's non-finite-logit check in training mode: refused now (``check_logits``, a device sync), or counted
+    for the training step's end (``router.defer_checks``; returned for ``RouterAux.faults``). None in eval mode."""
+    if not router.training:
+        return None
+    if router.defer_checks:
+        return router.layer_name, input_faults(logits_TE)
+    check_logits(logits_TE, router.layer_name)
+    return None
 
 
 class TopKRouter(nn.Module):
@@ -70,6 +82,9 @@ class TopKRouter(nn.Module):
         # counts [E] -> counts summed over the data-parallel group; installed by moe.parallel, None on one device
         self.reduce_counts = None
         self.layer_name = "router"  # named in errors; MoETransformer sets the module path
+        # Non-finite logits in training: refused in the forward (one device sync per layer), or, when the training
+        # loop sets this, counted on the device and raised once per step (moe.routing.raise_router_faults)
+        self.defer_checks = False
         reason = self.fused_reason()
         if cfg.impl == "triton" and reason is not None:
             raise ValueError(f"router.impl=triton: the fused router does not cover {reason}; use router.impl=auto")
@@ -99,6 +114,7 @@ class TopKRouter(nn.Module):
             score=cfg.score, renormalize=cfg.renormalize, order=cfg.order, scaling=cfg.scaling,
             bias=self.expert_bias if cfg.bias_update_rate > 0 else None, aux_loss_mode=cfg.aux_loss_mode,
             seq_len=seq_len, reduce_counts=self.reduce_counts, check=self.layer_name if self.training else None,
+            defer=self.defer_checks,
         )  # fmt: skip
         if self.fused:
             r = route_fused(logits_TE, cfg.k, impl=cfg.impl, **common)
@@ -134,13 +150,13 @@ class NoisyTopKRouter(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(num_experts, d_model))
         self.reduce_counts = None  # see TopKRouter
         self.layer_name = "router"
+        self.defer_checks = False  # see TopKRouter
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg, E, k = self.cfg, self.num_experts, self.cfg.k
         x32 = x_TD.float()
         clean_TE = F.linear(x32, self.w_gate.float())
-        if self.training:
-            check_logits(clean_TE, self.layer_name)
+        faults = check_in_training(self, clean_TE)
         clean_TE = softmax_limit(clean_TE)
         noisy_TE, sigma_TE = clean_TE, None
         if self.training:
@@ -166,7 +182,7 @@ class NoisyTopKRouter(nn.Module):
         aux = load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load)
         return RoutingResult(
             RoutingPlan(weights, ids, counts),
-            RouterAux(aux, router_z_loss(clean_TE), probs, extra_losses=extra, global_counts_E=load),
+            RouterAux(aux, router_z_loss(clean_TE), probs, extra_losses=extra, global_counts_E=load, faults=faults),
         )
 
 
@@ -197,8 +213,7 @@ class GumbelRouter(TopKRouter):
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg, E = self.cfg, self.num_experts
         logits_TE = self.logits(x_TD)
-        if self.training:
-            check_logits(logits_TE, self.layer_name)
+        faults = check_in_training(self, logits_TE)
         logits_TE = softmax_limit(logits_TE)
         if self.training:
             gumbel = -torch.empty_like(logits_TE).exponential_().log()
@@ -217,7 +232,8 @@ class GumbelRouter(TopKRouter):
         load = self.reduce_counts(counts) if self.reduce_counts is not None else None
         aux = load_balancing_loss(probs, ids, E, cfg.aux_loss_mode, seq_len, counts_E=load)
         return RoutingResult(
-            RoutingPlan(weights, ids, counts), RouterAux(aux, router_z_loss(logits_TE), probs, global_counts_E=load)
+            RoutingPlan(weights, ids, counts),
+            RouterAux(aux, router_z_loss(logits_TE), probs, global_counts_E=load, faults=faults),
         )
 
 
@@ -239,8 +255,7 @@ class ExpertChoiceRouter(TopKRouter):
         cfg, E = self.cfg, self.num_experts
         T = x_TD.shape[0]
         logits_TE = self.logits(x_TD)
-        if self.training:
-            check_logits(logits_TE, self.layer_name)
+        faults = check_in_training(self, logits_TE)
         logits_TE = softmax_limit(logits_TE)
         probs = torch.softmax(logits_TE, dim=-1)
         C = min(T, math.ceil(cfg.capacity_factor * T / E))
@@ -251,7 +266,7 @@ class ExpertChoiceRouter(TopKRouter):
         ids_TE = torch.arange(E, device=probs.device).expand(T, E)
         return RoutingResult(
             RoutingPlan(weights_TE, ids_TE, torch.full((E,), C, device=probs.device), expert_tokens_EC=tokens_EC),
-            RouterAux(probs.sum() * 0.0, router_z_loss(logits_TE), probs),
+            RouterAux(probs.sum() * 0.0, router_z_loss(logits_TE), probs, faults=faults),
         )
 
 

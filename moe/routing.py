@@ -71,6 +71,9 @@ class RouterAux:
     global_counts_E: torch.Tensor | None = None
     prob_sums_E: torch.Tensor | None = None
     lse_T: torch.Tensor | None = None
+    # ``(layer name, int64 [3])``: NaN-logit rows, all ``-inf`` rows and non-finite bias entries, counted on the
+    # device when the router defers its checks to the training step (``raise_router_faults``); else None
+    faults: tuple[str, torch.Tensor] | None = None
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -156,6 +159,17 @@ def _as_distribution(scores_TE: torch.Tensor) -> torch.Tensor:
     return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
+def _check(logits_TE, bias_E, check: str | None, defer: bool) -> tuple[str, torch.Tensor] | None:
+    """``route``'s non-finite checks: now (a device sync) or, with ``defer``, counted for the step's end."""
+    if defer and check is not None:
+        return check, input_faults(logits_TE, bias_E)
+    if bias_E is not None and not bool(torch.isfinite(bias_E).all()):
+        raise ValueError(f"{check or 'router'}.expert_bias: non-finite values {bias_E.tolist()[:8]}")
+    if check is not None:
+        check_logits(logits_TE, check)
+    return None
+
+
 def check_logits(logits_TE: torch.Tensor, where: str) -> None:
     """Refuse router logits with a NaN, or a row whose every logit is ``-inf`` (no expert left to take the token),
     naming the layer (``where``). One device sync; routers call it in training mode only."""
@@ -168,6 +182,33 @@ def check_logits(logits_TE: torch.Tensor, where: str) -> None:
         raise ValueError(
             f"{where}: {what} in {int(bad.sum())} of {logits_TE.shape[0]} tokens (rows {rows}...): the layer's input "
             "or the router weights are not finite; lower the learning rate or check the data"
+        )
+
+
+def input_faults(logits_TE: torch.Tensor, bias_E: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 ``[3]``: rows with a NaN logit, rows whose every logit is ``-inf``, non-finite ``bias`` entries. No
+    device sync: a router that defers its checks returns these and the training step reads them all at once."""
+    nan = torch.isnan(logits_TE).any(-1).sum()
+    empty = (logits_TE == float("-inf")).all(-1).sum()
+    bias = (~torch.isfinite(bias_E)).sum() if bias_E is not None else torch.zeros_like(nan)
+    return torch.stack([nan, empty, bias.to(nan)])
+
+
+def raise_router_faults(faults: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise, naming every layer, if any router deferred a fault (``input_faults``); one device sync for all."""
+    if not faults:
+        return
+    counts = torch.stack([f for _, f in faults]).tolist()
+    bad = []
+    for (where, _), (nan, empty, bias) in zip(faults, counts):
+        what = [f"NaN logits in {nan} tokens" if nan else "", f"every logit -inf in {empty} tokens" if empty else "",
+                f"{bias} non-finite expert_bias values" if bias else ""]  # fmt: skip
+        if any(what):
+            bad.append(f"{where}: {', '.join(w for w in what if w)}")
+    if bad:
+        raise ValueError(
+            f"{'; '.join(bad)} (this training step): the layer's input or the router weights are not finite; lower "
+            "the learning rate or check the data"
         )
 
 
@@ -194,6 +235,7 @@ def route(
     seq_len: int | None = None,
     reduce_counts=None,
     check: str | None = None,
+    defer: bool = False,
     **score_kw,
 ) -> RoutingResult:
     """Route ``[T, E]`` logits to k experts per token and compute the load-balancing and z losses.
@@ -203,7 +245,8 @@ def route(
     uses the scores normalised to a distribution, and counts all k choices (``seq_len`` is needed by the
     "sequence" aux mode). reduce_counts: ``counts [E] -> counts summed over the data-parallel group`` (a
     collective, called on every rank in every forward), or None for this rank's counts. check: a layer name to
-    refuse NaN / all ``-inf`` logits with (``check_logits``; routers pass it in training mode). ``+inf`` logits
+    refuse NaN / all ``-inf`` logits with (``check_logits``; routers pass it in training mode); with ``defer``
+    they are counted into ``aux.faults`` instead, without a device sync (``raise_router_faults``). ``+inf`` logits
     follow the score's limit (``softmax_limit``; sigmoid scores take them as they are, ``sigmoid(inf) = 1``).
     """
     if logits.dim() != 2:
@@ -217,11 +260,8 @@ def route(
         raise ValueError(f"bias: expected shape [{E}], got {tuple(bias.shape)}")
     if (n_group is None) != (topk_group is None):
         raise ValueError("n_group and topk_group: set both or neither")
-    if bias is not None and not bool(torch.isfinite(bias).all()):
-        raise ValueError(f"{check or 'router'}.expert_bias: non-finite values {bias.tolist()[:8]}")
     logits32 = logits.float()
-    if check is not None:
-        check_logits(logits32, check)
+    faults = _check(logits32, bias, check, defer)
     if score != "sigmoid":
         logits32 = softmax_limit(logits32)
     scores_TE = apply_score(logits32, score, **score_kw)
@@ -245,7 +285,7 @@ def route(
     aux_loss = load_balancing_loss(probs, ids, E, mode=aux_loss_mode, seq_len=seq_len, counts_E=global_counts)
     return RoutingResult(
         RoutingPlan(weights * scaling, ids, counts),
-        RouterAux(aux_loss, router_z_loss(logits32), probs, global_counts_E=global_counts),
+        RouterAux(aux_loss, router_z_loss(logits32), probs, global_counts_E=global_counts, faults=faults),
     )
 
 
@@ -276,6 +316,7 @@ def route_fused(
     reduce_counts=None,
     check: str | None = None,
     impl: str = "auto",
+    defer: bool = False,
 ) -> RoutingResult:
     """``route`` for softmax/sigmoid scores through ``moe.kernels.fused_router``: one pass over ``logits [T, E]``.
 
@@ -300,11 +341,8 @@ def route_fused(
         raise ValueError(f"route_fused: the fused kernel does not cover {reason}; use moe.routing.route")
     if bias is not None and bias.shape != (E,):
         raise ValueError(f"bias: expected shape [{E}], got {tuple(bias.shape)}")
-    if bias is not None and not bool(torch.isfinite(bias).all()):
-        raise ValueError(f"{check or 'router'}.expert_bias: non-finite values {bias.tolist()[:8]}")
     logits32 = logits.float()
-    if check is not None:
-        check_logits(logits32, check)
+    faults = _check(logits32, bias, check, defer)
     if score != "sigmoid":
         logits32 = softmax_limit(logits32)
     # softmax over the k kept logits is the renormalised full softmax: topk_then_score == score_then_topk + renorm
@@ -325,5 +363,5 @@ def route_fused(
         probs = probs_TE
         aux_loss = balance_loss(prob_sums_E, counts_E, T, k, aux_loss_mode, global_counts)
     aux = RouterAux(aux_loss, z_loss_from_lse(lse_T), probs, global_counts_E=global_counts, prob_sums_E=prob_sums_E,
-                    lse_T=lse_T)  # fmt: skip
+                    lse_T=lse_T, faults=faults)  # fmt: skip
     return RoutingResult(RoutingPlan(weights_TK * scaling if scaling != 1.0 else weights_TK, ids_TK, counts_E), aux)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moe.config import ModelConfig, RouterConfig
+from moe.config import ModelConfig, OptimConfig, RouterConfig
 from moe.gating import SCORE_FUNCTIONS, entmax15, sparsemax
 from moe.model import MoETransformer
 from moe.routing import route
@@ -62,3 +62,38 @@ def test_model_in_training_names_the_layer_with_nan_logits():
 def test_sparse_scores_with_a_nan_row_return_nan_instead_of_failing(fn):
     p = fn(torch.tensor([[0.1, math.nan, 0.3], [0.3, 0.2, -INF]]))
     assert torch.isnan(p[0]).all() and torch.isfinite(p[1]).all() and p[1].sum().item() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("kind", ["topk", "noisy_topk", "gumbel", "expert_choice"])
+def test_deferred_checks_count_on_the_device_and_raise_once_per_step_naming_every_layer(kind):
+    from moe.lightning import MoELitModule
+    from moe.routing import raise_router_faults
+
+    cfg = ModelConfig(vocab_size=7, max_seq_len=4, d_model=8, n_layer=3, n_head=2, num_experts=4, d_ff=8)
+    router = RouterConfig(kind=kind, k=2, allow_noncausal=True, capacity_factor=1.0 if kind == "expert_choice" else 0)
+    lit = MoELitModule(cfg, router, OptimConfig(), max_steps=1)
+    gate = lit.model.blocks[1].moe.router
+    with torch.no_grad():  # NaN logits for every token of layer 1 (and so NaN inputs to layer 2)
+        (gate.w_gate if kind == "noisy_topk" else gate.weight).view(-1)[0] = math.nan
+    tokens = torch.randint(0, 7, (2, 5))
+    _, routings = lit.model(tokens[:, :-1])  # no raise in the forward: nothing was read on the host
+    faults = [r.aux.faults for r in routings]
+    assert [f[0] for f in faults] == ["blocks.0.moe.router", "blocks.1.moe.router", "blocks.2.moe.router"]
+    assert faults[0][1].tolist() == [0, 0, 0] and faults[1][1].tolist() == [8, 0, 0]
+    with pytest.raises(ValueError, match=r"^blocks.1.moe.router: NaN logits in 8 tokens; blocks.2.moe.router: NaN "
+                                         r"logits in \d+ tokens \(this training step\)"):  # fmt: skip
+        raise_router_faults(faults)
+    batch = {"tokens": tokens, "target_mask": torch.ones(2, 5, dtype=torch.bool), "task_id": torch.zeros(2).long()}
+    with pytest.raises(ValueError, match=r"^blocks.1.moe.router: NaN logits in 8 tokens"):
+        lit.training_step(batch, 0)
+
+
+def test_deferred_bias_and_empty_rows_are_counted():
+    from moe.routing import input_faults, route_fused
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [-INF, -INF, -INF], [math.nan, 0.0, 0.0]])
+    assert input_faults(logits, torch.tensor([0.0, math.inf, math.nan])).tolist() == [1, 1, 2]
+    r = route_fused(logits, 2, bias=torch.tensor([0.0, math.nan, 0.0]), check="layer", defer=True, impl="torch")
+    assert r.aux.faults[0] == "layer" and r.aux.faults[1].tolist() == [1, 1, 1]
+    r = route(logits, 2, check="layer", defer=True)
+    assert r.aux.faults[1].tolist() == [1, 1, 0]
