@@ -215,8 +215,11 @@ def raise_router_faults(faults: list[tuple[str, torch.Tensor]]) -> None:
 def softmax_limit(logits_TE: torch.Tensor) -> torch.Tensor:
     """Rows holding ``+inf`` become ``0`` on the ``+inf`` experts and ``-inf`` elsewhere: the softmax limit as those
     logits grow (one-hot on a single ``+inf``, uniform over several; the same for sparsemax, entmax and the
-    temperature variants). Unnormalised scores (softpick, self-adjust) score such a row 0. No device sync."""
+    temperature variants). Unnormalised scores (softpick, self-adjust) score such a row 0. No device sync (on the CPU,
+    where a sync is free, a tensor without ``+inf`` is returned as it is)."""
     pos = logits_TE == float("inf")
+    if logits_TE.device.type == "cpu" and not bool(pos.any()):  # the usual case; reading the flag is free on the CPU
+        return logits_TE
     rows = pos.any(-1, keepdim=True)
     return torch.where(rows, torch.where(pos, 0.0, float("-inf")), logits_TE)
 

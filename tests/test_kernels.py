@@ -659,3 +659,20 @@ def test_kernels_compile_for_hopper():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("E,k", [(8, 2), (7, 1), (64, 8), (5, 4)])
+def test_reference_top_ids_equal_the_stable_sort_with_and_without_ties(E, k):
+    from moe.kernels.reference import _top_ids
+
+    g = torch.Generator().manual_seed(E * 10 + k)
+    key = torch.randn(300, E, generator=g)
+    sort_ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(_top_ids(key, k), sort_ids)  # no ties: the topk path
+    key[::3] = key[::3].round()  # ties everywhere in a third of the rows, incl. at the k-th place
+    key[1, :] = -math.inf
+    key[2, :2] = torch.tensor([-0.0, 0.0])
+    key[2, 2:] = -1.0
+    sort_ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(_top_ids(key, k), sort_ids)  # ties: the sort, lower id first
+    assert _top_ids(key, k)[1].tolist() == list(range(k)) and _top_ids(key, k)[2, 0].item() == 0

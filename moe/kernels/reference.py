@@ -43,8 +43,9 @@ def _scores(x_TE: torch.Tensor, lse_T: torch.Tensor, score: str) -> torch.Tensor
     """fp32 scores ``[T, E]`` from fp32 logits; softmax rows of only ``-inf`` give 0 instead of NaN."""
     if score == "sigmoid":
         return torch.sigmoid(x_TE)
-    lse_safe_T = torch.where(torch.isfinite(lse_T), lse_T, torch.zeros_like(lse_T))
-    return torch.exp(x_TE - lse_safe_T[:, None])  # exp(-inf - 0) = 0 on an all -inf row
+    if x_TE.device.type != "cpu" or not bool(torch.isfinite(lse_T).all()):  # (a free check on the CPU)
+        lse_T = torch.where(torch.isfinite(lse_T), lse_T, torch.zeros_like(lse_T))
+    return torch.exp(x_TE - lse_T[:, None])  # exp(-inf - 0) = 0 on an all -inf row
 
 
 def _softmax_probs(x_TE: torch.Tensor, lse_T: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,20 @@ def _inv_row_sums(s_TE: torch.Tensor) -> torch.Tensor:
     """``1 / sum_e s_te`` as ``[T, 1]``, 0 where the row sums to 0 (sigmoid scores of an all ``-inf`` row)."""
     total_T1 = s_TE.sum(dim=-1, keepdim=True)
     return torch.where(total_T1 > 0, 1.0 / torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1)), 0.0)
+
+
+def _top_ids(key_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest keys' ids per row, descending, ties to the lower id (-0.0 ties with +0.0).
+
+    On the CPU, ``topk`` of k+1 keys (2-3x cheaper than a full stable sort at E = 8..64) when no two of them are
+    equal, which is the only case where ``topk``'s unspecified tie order could differ; else the stable sort. The
+    check reads one flag on the host: free on the CPU, so other devices keep the sort."""
+    E = key_TE.shape[1]
+    if key_TE.device.type == "cpu" and k < E:
+        vals_TJ, ids_TJ = torch.topk(key_TE, k + 1, dim=-1)
+        if not bool((vals_TJ[:, 1:] == vals_TJ[:, :-1]).any()):
+            return ids_TJ[:, :k]
+    return torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 def fused_router(
@@ -76,7 +91,7 @@ def fused_router(
         key_TE = x_TE  # -0.0 == 0.0 for the comparison sort, so they tie and the lower id wins, as in the kernel
     else:
         key_TE = torch.where(x_TE == float("-inf"), float("-inf"), p_TE + bias.float())
-    ids_TK = torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+    ids_TK = _top_ids(key_TE, k)
     weights_TK = p_TE.gather(1, ids_TK)
     if renormalize:
         total_T1 = weights_TK.sum(dim=-1, keepdim=True)
