@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,16 +26,19 @@ from rich.table import Table
 
 from merging.cli import CleanErrors
 from moe.callbacks.run import RunState, ValidateAtLastStep
-from moe.config import DataConfig, ModelConfig, TrainConfig, TrainerConfig, unknown_keys
+from moe.checks import (
+    check_init_architecture,
+    check_parallel,
+    check_resume_config,
+    check_train_config,
+    command_line_keys,
+)
+from moe.config import DataConfig, TrainConfig, TrainerConfig
 from moe.data import MultiTaskDataModule
 from moe.evaluate import evaluate_tasks
 from moe.export import LIGHTNING_PREFIX, atomic_write, export_model, load_checkpoint, load_weights_into
 from moe.lightning import MoELitModule
 from moe.model import MoETransformer
-
-# Keys of a resumed run's config that must equal the checkpoint's: they shape the weights. (The trainer, the
-# parallel layout, the logger and the callbacks may change: a run saved at EP=2 resumes at EP=1.)
-RESUME_FIXED = ("model", "router", "data", "optim", "seed")
 
 
 class _NoTips(logging.Filter):
@@ -110,59 +112,6 @@ def accuracy_table(accs: dict[str, float], title: str, column: str | None = None
     return table
 
 
-def check_train_config(cfg: TrainConfig) -> None:
-    """Refuse, before any work, a configuration that cannot train as asked, naming the key."""
-    unknown = list(unknown_keys(cfg))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s): {', '.join(unknown)}; a key added with + must be one the schema "
-            "(moe.config.TrainConfig) declares"
-        )
-    if cfg.ckpt_path and cfg.init_from:
-        raise ValueError(
-            f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from}: give one. ckpt_path resumes a run (weights, "
-            "optimizer, LR schedule, step, data position); init_from starts a new run from weights only"
-        )
-    t, o, m, r = cfg.trainer, cfg.optim, cfg.model, cfg.router
-    for key in ("d_model", "n_layer", "n_head", "num_experts", "d_ff"):
-        if getattr(m, key) < 1:
-            raise ValueError(f"model.{key}={getattr(m, key)}: expected >= 1")
-    token_choice = m.moe.kind == "sparse" and r.kind != "expert_choice"
-    for ok, message in (
-        (m.d_model % m.n_head == 0, f"model.d_model={m.d_model}: expected a multiple of model.n_head ({m.n_head})"),
-        (not token_choice or 1 <= r.k <= m.num_experts,
-         f"router.k={r.k}: expected 1 <= router.k <= model.num_experts ({m.num_experts})"),
-        (t.max_steps >= 1, f"trainer.max_steps={t.max_steps}: expected >= 1 (training is counted in steps)"),
-        (t.val_check_interval >= 1, f"trainer.val_check_interval={t.val_check_interval}: expected >= 1 (steps)"),
-        (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps={t.log_every_n_steps}: expected >= 1"),
-        (o.lr > 0, f"optim.lr={o.lr}: expected > 0"),
-        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: expected >= 0"),
-        (all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)}: expected two values in [0, 1)"),
-        (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: expected >= 0"),
-        (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: expected in [0, 1] (final LR = lr * it)"),
-    ):
-        if not ok:
-            raise ValueError(message)
-
-
-def check_parallel(cfg: TrainConfig) -> None:
-    """Refuse, before any work, a parallel setup that cannot run here."""
-    strategy, ep = cfg.trainer.strategy, cfg.parallel.ep_size
-    target = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy)
-    if ep < 1:
-        raise ValueError(f"parallel.ep_size={ep}: expected >= 1")
-    if ep > 1 and "ExpertParallel" not in target:
-        raise ValueError(
-            f"parallel.ep_size={ep} needs an expert-parallel strategy: add trainer=ddp (CPU or GPU) or "
-            "trainer=deepspeed (GPU)"
-        )
-    if "deepspeed" in target.lower() and not torch.cuda.is_available():
-        raise ValueError(
-            "trainer=deepspeed: Lightning's DeepSpeedStrategy needs CUDA GPUs and none is visible; on the CPU use "
-            "trainer=ddp trainer.devices=N parallel.ep_size=P (gloo)"
-        )
-
-
 def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
     """``data.kind``: the embedded multi-task data, or the stdlib byte-level LM (``moe.pycode``)."""
     if cfg.kind == "multitask":
@@ -201,58 +150,6 @@ def resume_path(ckpt_path: str, callbacks: list[Callback]) -> Path:
             "hydra.run.dir=<that run directory> (or give ckpt_path=<a .ckpt>)"
         )
     return lasts[0]
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
-def check_resume_config(cfg: TrainConfig, saved: dict[str, Any] | None, path: Path) -> None:
-    """Refuse to resume a run with settings that shape the weights (RESUME_FIXED) other than its own."""
-    if not saved:
-        return  # a checkpoint written before the configuration was saved in it
-    config = asdict(cfg)
-    here = _flat({k: config[k] for k in RESUME_FIXED})
-    there = _flat({k: saved.get(k) for k in RESUME_FIXED})
-    differ = [f"{k}={there.get(k)} there, {v} here" for k, v in here.items() if k != "data.num_workers"
-              and there.get(k) != v]  # fmt: skip
-    if differ:
-        raise ValueError(
-            f"ckpt_path={path}: this configuration differs from the checkpoint's run: {'; '.join(differ)}. Resume "
-            "with the run's own overrides plus ckpt_path=... hydra.run.dir=<its run directory>"
-        )
-
-
-def command_line_keys() -> set[str]:
-    """The keys (``model.d_model``) and groups (``model``) set on this Hydra command line; empty outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return set()
-    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-
-
-def check_init_architecture(mine: ModelConfig, theirs: ModelConfig, source: str, explicit: set[str]) -> None:
-    """``init_from``'s architecture replaces ``model.*``. A differing key set on the command line (or ``model=``)
-    is a conflict and refused; a differing default or experiment value is replaced, saying so on stderr."""
-    here, there = _flat({"model": asdict(mine)}), _flat({"model": asdict(theirs)})
-    differ = {k: (v, there.get(k)) for k, v in here.items()
-              if there.get(k) != v and not (k in ("model.vocab_size", "model.max_seq_len") and not v)}  # fmt: skip
-    if not differ:
-        return
-    told = sorted(k for k in differ if "model" in explicit or any(k == e or k.startswith(e + ".") for e in explicit))
-    if told:
-        raise ValueError(
-            f"init_from={source}: its architecture has {', '.join(f'{k}={differ[k][1]}' for k in told)}, but the "
-            f"command line sets {', '.join(f'{k}={differ[k][0]}' for k in told)}: the weights fix the architecture; "
-            "drop those overrides (or train from scratch without init_from)"
-        )
-    if rank_zero_only.rank == 0:
-        changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in differ.items())
-        print(f"init_from={source}: the checkpoint's architecture replaces the configured one ({changes})",
-              file=sys.stderr)  # fmt: skip
 
 
 @rank_zero_only  # (Lightning's DDP launcher runs this script again in every other process)

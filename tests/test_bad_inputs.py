@@ -23,11 +23,11 @@ from merging.__main__ import run as merge_run
 from merging.cli import USER_ERRORS, one_line
 from merging.config import MergeConfig
 from merging.config import register_configs as register_merge
+from moe.checks import check_init_architecture, check_train_config
 from moe.config import ModelConfig, RouterConfig
 from moe.export import export_model
 from moe.model import MoETransformer
 from moe.routing import route
-from moe.training import check_init_architecture, check_train_config
 from moe.training import run as train_run
 
 from .conftest import CONF, ROOT

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from moe.callbacks.run import short_metric_name
+from moe.checks import check_train_config
 from moe.config import DataConfig, ModelConfig, RouterConfig
 from moe.data import ALL_TASKS
 from moe.export import export_model
 from moe.model import MoETransformer
-from moe.training import check_train_config
 
 from .conftest import ROOT
 from .test_configs import compose_train

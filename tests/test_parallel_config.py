@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from moe.checks import check_parallel
 from moe.config import TrainConfig
 from moe.parallel import layout
-from moe.training import check_parallel
 from tests.test_configs import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
