@@ -13,7 +13,7 @@ import torch
 
 from merging.heap import release_above
 from merging.io import ShardedWriter, row_shape
-from merging.plan import Entry, Loader, NonFiniteError, Unit, unit_chunks
+from merging.plan import Entry, Loader, NonFiniteError, Unit, all_finite, unit_chunks
 from merging.registry import DEFERRED, Chunk, Method, Stage, apply_with_stats, gather_in_memory
 from merging.select import SAMPLE
 
@@ -148,7 +148,7 @@ class Engine:
         if self.report:
             _account(report, c, merged, info, allow)
         out = merged.to(e.out_dtype)
-        if not allow and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        if not allow and not all_finite(out):
             _refuse_nonfinite(e, c, merged, out)
         write(out)
 

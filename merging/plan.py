@@ -47,6 +47,14 @@ class Entry:
     rows: list[int] = field(default_factory=list)  # rows each model has (vocab crop)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Every value of ``t`` is finite. One sum first (a NaN or an inf carries through it); only a non-finite sum (a
+    NaN/inf, or finite values summing past fp32's range) pays for the exact elementwise check."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 class NonFiniteError(ValueError):
     """An input or merged tensor holds NaN or inf (see ``merge(allow_nonfinite=...)``)."""
 
@@ -86,7 +94,7 @@ class Loader:
                 if n:
                     tau[i, :n].copy_(m.read(src, (r0, have)))
                 tau[i, n:].copy_(b[n:])
-        if not self.allow_nonfinite and not bool(torch.isfinite(tau).all()):  # one check for all models
+        if not self.allow_nonfinite and not all_finite(tau):  # one check for all models
             for i, (m, src) in enumerate(zip(self.models, e.sources)):
                 self._check(tau[i], m, src, f"model {i}")
         tau.sub_(b)
@@ -102,7 +110,7 @@ class Loader:
 
     def _check(self, t: torch.Tensor, ck: Checkpoint, name: str, who: str) -> None:
         """Refuse NaN/inf input values (unless ``allow_nonfinite``), naming the tensor, the model and its file."""
-        if self.allow_nonfinite or bool(torch.isfinite(t).all()):
+        if self.allow_nonfinite or all_finite(t):
             return
         bad = ~torch.isfinite(t)
         kinds = [k for k, m in (("NaN", t.isnan()), ("+inf", t == float("inf")), ("-inf", t == float("-inf")))

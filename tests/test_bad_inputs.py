@@ -363,3 +363,12 @@ def test_train_cli_prints_one_line_and_leaves_no_run_directory(tmp_path):
     assert "model.num_experts=4, but the command line sets model.num_experts=8" in lines[0]
     assert lines[1].startswith("Hint: python train.py --help")
     assert not (tmp_path / "run").exists()
+
+
+def test_all_finite_is_exact_where_the_sum_overflows_or_cancels():
+    from merging.plan import all_finite
+
+    big = torch.full((4,), 3e38)
+    assert all_finite(big)  # the sum overflows fp32; the exact check says finite
+    assert not all_finite(torch.tensor([1.0, float("inf"), float("-inf")]))  # inf - inf = NaN in the sum
+    assert not all_finite(torch.tensor([0.0, float("nan")])) and all_finite(torch.arange(3))
