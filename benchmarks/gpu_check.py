@@ -354,14 +354,19 @@ def _bench_rows(step: dict | None) -> list[dict]:
     return rows if isinstance(rows, list) else []
 
 
-def summarize_router(step: dict | None, copy_gbps: float | None, sms: int) -> list[dict]:
-    """Per shape: the fused path against the in-process baselines, and at the target shapes against the targets
-    and the README's byte floor."""
+def _by_shape(step: dict | None) -> dict[str, dict[str, dict]]:
+    """A benchmark step's rows as ``{shape: {impl: row}}``."""
     by_shape: dict[str, dict[str, dict]] = {}
     for r in _bench_rows(step):
         by_shape.setdefault(r.get("shape", "?"), {})[r.get("impl", "?")] = r
+    return by_shape
+
+
+def summarize_router(step: dict | None, copy_gbps: float | None, sms: int) -> list[dict]:
+    """Per shape: the fused path against the in-process baselines, and at the target shapes against the targets
+    and the README's byte floor."""
     out = []
-    for shape, impls in by_shape.items():
+    for shape, impls in _by_shape(step).items():
         extra = next(iter(impls.values())).get("extra") or {}
         T, E, k = extra.get("T"), extra.get("E"), extra.get("k")
         us = {name: r.get("us") for name, r in impls.items()}
@@ -396,11 +401,8 @@ def summarize_router(step: dict | None, copy_gbps: float | None, sms: int) -> li
 
 
 def summarize_layer(step: dict | None) -> list[dict]:
-    by_shape: dict[str, dict[str, dict]] = {}
-    for r in _bench_rows(step):
-        by_shape.setdefault(r.get("shape", "?"), {})[r.get("impl", "?")] = r
     out = []
-    for shape, impls in by_shape.items():
+    for shape, impls in _by_shape(step).items():
         extra = next(iter(impls.values())).get("extra") or {}
         tflops = {n: r.get("metric") for n, r in impls.items()}
         ours = {n: v for n, v in tflops.items() if n.startswith("moe.") and v}

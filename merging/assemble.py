@@ -155,7 +155,7 @@ def assemble(
                     for i, c in enumerate(model_cks):
                         t = c.read(name)
                         if t.is_floating_point():
-                            loader._check(t, c, name, f"model {i}")
+                            loader.check_finite(t, c, name, f"model {i}")
                         writer.write(name, t.to(dtype))
                 advance()
         writer.add_file("config.json", text=json.dumps(cfg, indent=2))

@@ -84,7 +84,7 @@ class Loader:
 
     def _read(self, e: Entry, unit: Unit, r0: int, r1: int) -> Chunk:
         b = self.base.read(e.name, (r0, r1)).float()
-        self._check(b, self.base, e.name, "the base")
+        self.check_finite(b, self.base, e.name, "the base")
         tau = torch.empty(len(self.models), *b.shape)
         for i, (m, src, have) in enumerate(zip(self.models, e.sources, e.rows)):
             if have >= r1:
@@ -96,7 +96,7 @@ class Loader:
                 tau[i, n:].copy_(b[n:])
         if not self.allow_nonfinite and not all_finite(tau):  # one check for all models
             for i, (m, src) in enumerate(zip(self.models, e.sources)):
-                self._check(tau[i], m, src, f"model {i}")
+                self.check_finite(tau[i], m, src, f"model {i}")
         tau.sub_(b)
         return Chunk(name=unit.key, base=b, tau=tau, shape=unit.shape, row0=r0 - unit.r0)
 
@@ -105,10 +105,10 @@ class Loader:
         name = e.name if unit.source < 0 else e.sources[unit.source]
         data = src.read(name, (r0, r1))
         if data.is_floating_point():
-            self._check(data, src, name, "the base" if unit.source < 0 else f"model {unit.source}")
+            self.check_finite(data, src, name, "the base" if unit.source < 0 else f"model {unit.source}")
         return data
 
-    def _check(self, t: torch.Tensor, ck: Checkpoint, name: str, who: str) -> None:
+    def check_finite(self, t: torch.Tensor, ck: Checkpoint, name: str, who: str) -> None:
         """Refuse NaN/inf input values (unless ``allow_nonfinite``), naming the tensor, the model and its file."""
         if self.allow_nonfinite or all_finite(t):
             return

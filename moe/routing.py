@@ -159,6 +159,20 @@ def _as_distribution(scores_TE: torch.Tensor) -> torch.Tensor:
     return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
+def _check_args(logits: torch.Tensor, k: int, order: str, bias: torch.Tensor | None) -> tuple[int, int]:
+    """``route``'s and ``route_fused``'s argument checks; returns ``(T, E)``."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
+    T, E = logits.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"k={k}: expected 1 <= k <= num_experts ({E})")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: expected one of {ORDERS}")
+    if bias is not None and bias.shape != (E,):
+        raise ValueError(f"bias: expected shape [{E}], got {tuple(bias.shape)}")
+    return T, E
+
+
 def _check(logits_TE, bias_E, check: str | None, defer: bool) -> tuple[str, torch.Tensor] | None:
     """``route``'s non-finite checks: now (a device sync) or, with ``defer``, counted for the step's end."""
     if defer and check is not None:
@@ -252,15 +266,7 @@ def route(
     they are counted into ``aux.faults`` instead, without a device sync (``raise_router_faults``). ``+inf`` logits
     follow the score's limit (``softmax_limit``; sigmoid scores take them as they are, ``sigmoid(inf) = 1``).
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
-    T, E = logits.shape
-    if not 1 <= k <= E:
-        raise ValueError(f"k={k}: expected 1 <= k <= num_experts ({E})")
-    if order not in ORDERS:
-        raise ValueError(f"order={order!r}: expected one of {ORDERS}")
-    if bias is not None and bias.shape != (E,):
-        raise ValueError(f"bias: expected shape [{E}], got {tuple(bias.shape)}")
+    T, E = _check_args(logits, k, order, bias)
     if (n_group is None) != (topk_group is None):
         raise ValueError("n_group and topk_group: set both or neither")
     logits32 = logits.float()
@@ -334,16 +340,10 @@ def route_fused(
     except the "sequence" aux loss, which reads ``probs`` per sequence (and so materialises it).
     ``check``/``softmax_limit`` treat non-finite logits as ``route`` does.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
-    T, E = logits.shape
-    if order not in ORDERS:
-        raise ValueError(f"order={order!r}: expected one of {ORDERS}")
+    T, E = _check_args(logits, k, order, bias)
     reason = fused_applies(score, order, bias is not None)
     if reason is not None:
         raise ValueError(f"route_fused: the fused kernel does not cover {reason}; use moe.routing.route")
-    if bias is not None and bias.shape != (E,):
-        raise ValueError(f"bias: expected shape [{E}], got {tuple(bias.shape)}")
     logits32 = logits.float()
     faults = _check(logits32, bias, check, defer)
     if score != "sigmoid":
