@@ -91,7 +91,10 @@ class Layer:
         self.w2 = param(E, f, d, scale=1 / math.sqrt(f))
 
     def params(self) -> list[torch.Tensor]:
-        return [self.w_r, self.w1, self.w3, self.w2]
+        """The shared weights and those of the modules built from them (``moe_layer``, ``hf_block``), so a timed
+        step starts with every gradient unset, as after ``optimizer.zero_grad()`` (no accumulation ``add_``)."""
+        modules = [getattr(self, name) for name in ("moe_layer", "hf_block") if hasattr(self, name)]
+        return [self.w_r, self.w1, self.w3, self.w2, *(p for m in modules for p in m.parameters())]
 
 
 def moe_layer(x: torch.Tensor, L: Layer) -> torch.Tensor:

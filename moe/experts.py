@@ -53,6 +53,35 @@ def pick_impl(x_SD: torch.Tensor, counts_E: torch.Tensor, d_ff: int) -> str:
     return "grouped_mm" if grouped_ok else "loop"
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` with fewer fresh buffers than autograd's three ops.
+
+    Forward keeps ``gate`` and ``up`` (not ``silu(gate)``: the backward recomputes it) and writes the product into
+    the silu output. Backward: ``d_up = g * silu(gate)`` (in place into the recomputed silu) and ``d_gate =
+    silu'(gate) * (g * up)`` (``silu_backward`` in place into ``g * up``): two buffers, where autograd takes three.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        gate, up = ctx.saved_tensors
+        d_gate = torch.mul(grad_h, up)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        d_up = F.silu(gate).mul_(grad_h)
+        return d_gate, d_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (same shapes); the autograd function above when a gradient is needed."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
 def swiglu_experts(
     x_SD: torch.Tensor,
     counts_E: torch.Tensor,
@@ -70,7 +99,7 @@ def swiglu_experts(
         if GROUPED_MM is None:
             raise ValueError("impl='grouped_mm': this torch has no torch.nn.functional.grouped_mm")
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_SF = F.silu(GROUPED_MM(x_SD, w_gate, offs=offs_E)) * GROUPED_MM(x_SD, w_up, offs=offs_E)
+        h_SF = swiglu(GROUPED_MM(x_SD, w_gate, offs=offs_E), GROUPED_MM(x_SD, w_up, offs=offs_E))
         return GROUPED_MM(h_SF, w_down, offs=offs_E)
     if impl == "bmm":
         return _padded_bmm(x_SD, counts_E, w_gate, w_up, w_down)
@@ -95,7 +124,7 @@ def _padded_bmm(x_SD, counts_E, w_gate, w_up, w_down):
         x_ECD = x_SD.view(E, C, d)
     else:
         x_ECD = x_SD.new_zeros(E * C, d).index_copy(0, pad_S, x_SD).view(E, C, d)
-    h_ECF = F.silu(torch.bmm(x_ECD, w_gate)) * torch.bmm(x_ECD, w_up)
+    h_ECF = swiglu(torch.bmm(x_ECD, w_gate), torch.bmm(x_ECD, w_up))
     y_PD = torch.bmm(h_ECF, w_down).view(E * C, d)
     return y_PD if E * C == x_SD.shape[0] else y_PD.index_select(0, pad_S)
 
@@ -105,7 +134,7 @@ def _loop(x_SD, counts_E, w_gate, w_up, w_down):
     blocks = torch.split(x_SD, counts_E.tolist())
     for x_nD, g_DF, u_DF, down_FD in zip(blocks, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)):
         if x_nD.shape[0]:
-            outs.append((F.silu(x_nD @ g_DF) * (x_nD @ u_DF)) @ down_FD)
+            outs.append(swiglu(x_nD @ g_DF, x_nD @ u_DF) @ down_FD)
     # no rows at all: an empty result that stays in the graph, so an expert-parallel backward still runs both
     # exchanges on this rank (a rank left out of a collective would hang its peers)
     return torch.cat(outs) if outs else x_SD * 0.0

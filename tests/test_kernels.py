@@ -522,6 +522,27 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_eager_twins_match_the_custom_ops():
+    """Eager mode runs ``ops.router`` / ``permute_rows`` / ``combine_rows`` (autograd.Functions); they must give the
+    custom ops' outputs and gradients, bit for bit (same backends, same gradient functions)."""
+    T, E, k, D = 13, 7, 3, 5
+    logits = torch.randn(T, E, requires_grad=True)
+    x = torch.randn(T, D, requires_grad=True)
+
+    def layer(router, permute, combine, logits, x, unweighted):
+        weights, ids, counts, prob_sums, lse = router(logits, k, "sigmoid", True, None, "torch")
+        x_sorted, rows = permute(x, ids, counts, "torch")
+        out = combine(torch.tanh(x_sorted), None if unweighted else weights, rows, "torch")
+        loss = out.square().sum() + (prob_sums * torch.arange(E)).sum() + lse.square().mean()
+        return (weights, ids, counts, prob_sums, lse, x_sorted, rows, out), torch.autograd.grad(loss, (logits, x))
+
+    for unweighted in (False, True):
+        ops_out, ops_grads = layer(ops.fused_router, ops.permute, ops.gather_rows, logits, x, unweighted)
+        eager_out, eager_grads = layer(ops.router, ops.permute_rows, ops.combine_rows, logits, x, unweighted)
+        for a, b in zip((*ops_out, *ops_grads), (*eager_out, *eager_grads)):
+            assert torch.equal(a, b)
+
+
 def test_torch_compile_traces_around_the_ops():
     T, E, k, D = 16, 6, 2, 8
     logits = torch.randn(T, E, requires_grad=True)

@@ -126,7 +126,7 @@ def fused_router(
             got = f"shape {list(bias.shape)} on {bias.device}" if isinstance(bias, torch.Tensor) else type(bias)
             raise ValueError(f"bias: expected a float tensor of shape [{E}] on {logits.device}, got {got}")
         bias = bias.detach().float().contiguous()
-    return ops.fused_router(logits, k, score, bool(renormalize), bias, resolve_impl(impl, logits, E))
+    return ops.router(logits, k, score, bool(renormalize), bias, resolve_impl(impl, logits, E))
 
 
 def slot_rows(ids: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -159,7 +159,7 @@ def permute(
         raise ValueError(f"ids: expected shape [T, K], got {list(ids.shape)}")
     _check_index("ids", ids, (x.shape[0], ids.shape[1]), x.device)
     _check_counts(counts, x.device)
-    return ops.permute(x, ids.to(torch.int32), counts.to(torch.int32), resolve_impl(impl, x, counts.shape[0]))
+    return ops.permute_rows(x, ids.to(torch.int32), counts.to(torch.int32), resolve_impl(impl, x, counts.shape[0]))
 
 
 def unpermute(y: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -180,4 +180,4 @@ def unpermute(y: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, impl: 
             f"got {weights.dtype} of shape {list(weights.shape)} on {weights.device}"
         )
     _check_index("rows", rows, (T, K), y.device)
-    return ops.gather_rows(y, weights, rows.to(torch.int32), resolve_impl(impl, y, 0))
+    return ops.combine_rows(y, weights, rows.to(torch.int32), resolve_impl(impl, y, 0))
