@@ -82,9 +82,24 @@ def gain_share(merged: Mapping[str, float], base: Mapping[str, float], own: Mapp
     return {t: (merged[t] - base[t]) / (own[t] - base[t]) for t in own if own[t] != base[t]}
 
 
-# A sweep's jobs run in one process (Hydra's basic launcher): they share the adapter (its data) and the inputs' scores
+# A sweep's jobs run in one process (Hydra's basic launcher): they share the adapter (its data) and the inputs' scores,
+# the latter keyed by the files' identity (path, size, mtime), so an input rewritten between runs is scored again
 _ADAPTERS: dict[str, TaskAdapter] = {}
-_SCORES: dict[tuple[str, str], dict[str, float]] = {}
+_SCORES: dict[tuple, dict[str, float]] = {}
+
+
+def _identity(path: str | os.PathLike) -> tuple:
+    """``(path, (relative name, size, mtime_ns) per file)`` of a checkpoint file or export directory."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return path, (("", st.st_size, st.st_mtime_ns),)
+    files = []
+    for root, _, names in os.walk(path):
+        for name in names:
+            st = os.stat(os.path.join(root, name))
+            files.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+    return path, tuple(sorted(files))
 
 
 def sweep_objective(config, make_adapter: Callable[[], TaskAdapter]) -> float | None:
@@ -103,7 +118,7 @@ def sweep_objective(config, make_adapter: Callable[[], TaskAdapter]) -> float | 
     adapter = _ADAPTERS[repr(config.adapter)]
 
     def scores(path, cache=True):
-        key = (str(path), repr(config.data))
+        key = (_identity(path), repr(config.data))
         if not cache or key not in _SCORES:
             _SCORES[key] = adapter.evaluate(adapter.load(str(path)), config.data, "search")
         return _SCORES[key]

@@ -110,3 +110,20 @@ def test_optuna_sweep_on_the_cli_returns_the_search_split_objective(bench, tmp_p
     assert 0.05 <= result["best_params"]["method.density"] <= 1.0
     assert math.isfinite(result["best_value"])
     assert done.stdout.count("merged (ties)") == 2
+
+
+def test_sweep_score_cache_keys_on_the_files_not_only_their_paths(tmp_path):
+    """A sweep caches the inputs' scores across its jobs; an input rewritten at the same path (a file, or a file
+    inside an export directory) must get a new key, an untouched one the same key."""
+    from merging.search import _identity
+
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"a" * 10)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "weights.safetensors").write_bytes(b"b" * 10)
+    before = _identity(ckpt), _identity(export)
+    assert (_identity(ckpt), _identity(export)) == before
+    ckpt.write_bytes(b"a" * 11)
+    (export / "weights.safetensors").write_bytes(b"c" * 12)
+    assert _identity(ckpt) != before[0] and _identity(export) != before[1]
