@@ -78,6 +78,12 @@ def fused_router_backward(
     impl: str,
 ) -> torch.Tensor:
     """``grad_logits [T, E]`` (``logits.dtype``); see ``reference.fused_router_backward``."""
+    return _router_backward_impl(
+        logits, weights, ids, lse, grad_weights, grad_prob_sums, grad_lse, score, renormalize, impl
+    )
+
+
+def _router_backward_impl(logits, weights, ids, lse, grad_weights, grad_prob_sums, grad_lse, score, renormalize, impl):
     return _router_backend(impl).fused_router_backward(
         logits, weights, ids, lse, grad_weights, grad_prob_sums, grad_lse, score, renormalize
     )
@@ -221,12 +227,6 @@ gather_rows.register_autograd(_gather_rows_grad, setup_context=_gather_rows_setu
 # ---------------------------------------------------------------------------------------------------------------
 # eager twins: the same backends and gradients as plain autograd.Functions (see the module docstring)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _router_backward_impl(logits, weights, ids, lse, grad_weights, grad_prob_sums, grad_lse, score, renormalize, impl):
-    return _router_backend(impl).fused_router_backward(
-        logits, weights, ids, lse, grad_weights, grad_prob_sums, grad_lse, score, renormalize
-    )
 
 
 class _Router(torch.autograd.Function):
