@@ -16,6 +16,8 @@ from moe.config import ModelConfig, TrainConfig, unknown_keys
 # Keys of a resumed run's config that must equal the checkpoint's: they shape the weights. (The trainer, the
 # parallel layout, the logger and the callbacks may change: a run saved at EP=2 resumes at EP=1.)
 RESUME_FIXED = ("model", "router", "data", "optim", "seed")
+RESUME_FREE = ("data.num_workers", "optim.impl")  # ... except these: how the work runs, not what it computes
+OPTIM_IMPLS = ("auto", "fused", "foreach", "for_loop")
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -50,6 +52,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         (all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)}: expected two values in [0, 1)"),
         (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: expected >= 0"),
         (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: expected in [0, 1] (final LR = lr * it)"),
+        (o.impl in OPTIM_IMPLS, f"optim.impl={o.impl!r}: expected one of {OPTIM_IMPLS}"),
     ):
         if not ok:
             raise ValueError(message)
@@ -86,7 +89,7 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any] | None, path: Pa
     config = asdict(cfg)
     here = _flat({k: config[k] for k in RESUME_FIXED})
     there = _flat({k: saved.get(k) for k in RESUME_FIXED})
-    differ = [f"{k}={there.get(k)} there, {v} here" for k, v in here.items() if k != "data.num_workers"
+    differ = [f"{k}={there.get(k)} there, {v} here" for k, v in here.items() if k not in RESUME_FREE
               and there.get(k) != v]  # fmt: skip
     if differ:
         raise ValueError(

@@ -150,6 +150,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 100  # >= 0
     min_lr_ratio: float = 0.05  # in [0, 1]: cosine decays to lr * min_lr_ratio at trainer.max_steps
+    # how AdamW runs its update: "auto" (fused when every parameter is on the CPU, where torch's default is a
+    # per-tensor loop: 1.1 vs 3.3 ms a step for the default model, BENCHMARKS.md; torch's default elsewhere),
+    # "fused", "foreach" or "for_loop"
+    impl: str = "auto"
 
 
 @dataclass

@@ -22,6 +22,18 @@ from moe.model import MoETransformer
 from moe.routing import raise_router_faults
 
 
+def adamw_impl(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
+    """``torch.optim.AdamW`` keyword for ``optim.impl``: "fused" / "foreach" / "for_loop", or "auto" = fused when
+    every parameter is a CPU float tensor (torch's CPU default is the per-tensor loop), else torch's default."""
+    if impl == "auto":
+        on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
+        return {"fused": True} if params and on_cpu else {}
+    choices = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    if impl not in choices:
+        raise ValueError(f"optim.impl={impl!r}: expected one of {('auto', *choices)}")
+    return choices[impl]
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
     if step < warmup:
@@ -127,6 +139,7 @@ class MoELitModule(L.LightningModule):
             ],
             lr=cfg.lr,
             betas=tuple(cfg.betas),
+            **adamw_impl(cfg.impl, list(self.parameters())),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio)

@@ -233,6 +233,7 @@ def test_old_format_torch_save_is_read_by_merging_and_training_alike(tmp_path):
 TRAIN_CONFIG_CASES = [
     ("optim.min_lr_ratio=-1", r"optim.min_lr_ratio=-1.0: expected in \[0, 1\]"),
     ("optim.warmup_steps=-5", r"optim.warmup_steps=-5: expected >= 0"),
+    ("optim.impl=adam", r"optim.impl='adam': expected one of \('auto', 'fused', 'foreach', 'for_loop'\)"),
     ("trainer.max_steps=0", r"trainer.max_steps=0: expected >= 1"),
     ("trainer.max_steps=-1", r"trainer.max_steps=-1: expected >= 1"),
     ("optim.lr=nan", r"optim.lr=nan: expected > 0"),

@@ -58,3 +58,19 @@ def test_refused_options_say_why(tmp_path):
         train(tmp_path / "soft", ["model/moe=soft"])
     with pytest.raises(ValueError, match="allow_noncausal"):
         train(tmp_path / "ec", ["router=expert_choice"])
+
+
+def test_optimizer_impls_train_alike(tmp_path):
+    """``optim.impl``: the fused AdamW ("auto" on the CPU) and torch's per-tensor loop are the same update, so the
+    same run's losses agree to rounding; "auto" resolves to fused for CPU float parameters only."""
+    import torch
+
+    from moe.lightning import adamw_impl
+
+    assert adamw_impl("auto", [torch.zeros(2)]) == {"fused": True}
+    assert adamw_impl("auto", [torch.zeros(2, device="meta")]) == {}
+    assert adamw_impl("for_loop", [torch.zeros(2)]) == {"foreach": False}
+    _, ce_fused, _ = train(tmp_path / "fused", ["optim.impl=auto"])
+    _, ce_loop, _ = train(tmp_path / "loop", ["optim.impl=for_loop"])
+    check_learns(ce_fused)
+    assert ce_fused == pytest.approx(ce_loop, rel=1e-4)
