@@ -20,7 +20,7 @@ def short_metric_name(key: str) -> str:
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's RichProgressBar counting the run's optimizer steps (``step 120/1300``) instead of one epoch's
+    """Lightning's RichProgressBar counting the run's optimizer steps (``step 120/2000``) instead of one epoch's
     batches (``Epoch 1/-2`` in a run bounded by max_steps), with short metric names (``em``, ``val_acc``), a
     shorter bar and no it/s column, so that the line fits 120 columns. ``hide``: metrics left off the bar (they
     are still logged); ``train/ce`` is the loss without its small router terms."""
