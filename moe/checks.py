@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from moe.config import ModelConfig, TrainConfig, unknown_keys
+from moe.lightning import OPTIM_IMPLS
 
 # Keys of a resumed run's config that must equal the checkpoint's: they shape the weights. (The trainer, the
 # parallel layout, the logger and the callbacks may change: a run saved at EP=2 resumes at EP=1.)
 RESUME_FIXED = ("model", "router", "data", "optim", "seed")
 RESUME_FREE = ("data.num_workers", "optim.impl")  # ... except these: how the work runs, not what it computes
-OPTIM_IMPLS = ("auto", "fused", "foreach", "for_loop")
 
 
 def check_train_config(cfg: TrainConfig) -> None:

@@ -21,6 +21,9 @@ from moe.losses import router_loss
 from moe.model import MoETransformer
 from moe.routing import raise_router_faults
 
+_ADAMW_KWARGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+OPTIM_IMPLS = ("auto", *_ADAMW_KWARGS)
+
 
 def adamw_impl(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
     """``torch.optim.AdamW`` keyword for ``optim.impl``: "fused" / "foreach" / "for_loop", or "auto" = fused when
@@ -28,10 +31,9 @@ def adamw_impl(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
     if impl == "auto":
         on_cpu = all(p.device.type == "cpu" and p.is_floating_point() for p in params)
         return {"fused": True} if params and on_cpu else {}
-    choices = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
-    if impl not in choices:
-        raise ValueError(f"optim.impl={impl!r}: expected one of {('auto', *choices)}")
-    return choices[impl]
+    if impl not in _ADAMW_KWARGS:
+        raise ValueError(f"optim.impl={impl!r}: expected one of {OPTIM_IMPLS}")
+    return _ADAMW_KWARGS[impl]
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
