@@ -124,3 +124,20 @@ def test_smear_identical_experts_ignore_the_router_and_sequence_mode_is_refused_
     torch.testing.assert_close(layer(x)[0], expert_out(layer, 0, x))
     with pytest.raises(ValueError, match="future tokens"):
         SMEARLayer(6, 8, 3, RouterConfig(), route_on="sequence", causal=True)
+
+
+def test_dropless_layer_under_torch_compile_matches_eager():
+    """``torch.compile`` of the layer (router -> custom ops -> SwiGLU autograd function -> combine) gives eager's loss
+    gradients for the input and every weight (aot_eager: the traced forward and backward graphs, no codegen)."""
+    torch.manual_seed(0)
+    layer = MoELayer(32, 64, 5, RouterConfig(k=2), causal=False)
+    x = torch.randn(40, 32, requires_grad=True)
+
+    def loss(x):
+        y, r = layer(x)
+        return y.square().sum() + r.aux.aux_loss + r.aux.z_loss
+
+    eager = torch.autograd.grad(loss(x), [x, *layer.parameters()])
+    traced = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(x), [x, *layer.parameters()])
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
