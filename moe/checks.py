@@ -11,12 +11,16 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from moe.config import ModelConfig, TrainConfig, unknown_keys
+from moe.config import ModelConfig, TrainConfig, TrainerConfig, unknown_keys
 from moe.lightning import OPTIM_IMPLS
 
 # Keys of a resumed run's config that must equal the checkpoint's: they shape the weights. (The trainer, the
 # parallel layout, the logger and the callbacks may change: a run saved at EP=2 resumes at EP=1.)
 RESUME_FIXED = ("model", "router", "data", "optim", "seed")
+# ... and for a DeepSpeed checkpoint, whose optimizer partitions and experts are saved per rank, the process
+# layout too (DeepSpeed loads MoE checkpoints only at the layout that saved them: #6589, #5716)
+RESUME_FIXED_DEEPSPEED = ("parallel.ep_size", "trainer.devices", "trainer.num_nodes", "trainer.precision",
+                          "trainer.strategy._target_", "trainer.strategy.stage")  # fmt: skip
 RESUME_FREE = ("data.num_workers", "optim.impl")  # ... except these: how the work runs, not what it computes
 
 
@@ -58,21 +62,27 @@ def check_train_config(cfg: TrainConfig) -> None:
             raise ValueError(message)
 
 
+def strategy_target(tc: TrainerConfig) -> str:
+    """The strategy's class path (a ``_target_`` node) or name (``"auto"``, ``"ddp"``)."""
+    return tc.strategy.get("_target_", "") if isinstance(tc.strategy, dict) else str(tc.strategy)
+
+
 def check_parallel(cfg: TrainConfig) -> None:
     """Refuse, before any work, a parallel setup that cannot run here."""
-    strategy, ep = cfg.trainer.strategy, cfg.parallel.ep_size
-    target = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy)
+    ep, target = cfg.parallel.ep_size, strategy_target(cfg.trainer)
     if ep < 1:
         raise ValueError(f"parallel.ep_size={ep}: expected >= 1")
     if ep > 1 and "ExpertParallel" not in target:
         raise ValueError(
             f"parallel.ep_size={ep} needs an expert-parallel strategy: add trainer=ddp (CPU or GPU) or "
-            "trainer=deepspeed (GPU)"
+            "trainer=deepspeed"
         )
-    if "deepspeed" in target.lower() and not torch.cuda.is_available():
+    accelerator = cfg.trainer.accelerator
+    if "deepspeed" in target.lower() and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
-            "trainer=deepspeed: Lightning's DeepSpeedStrategy needs CUDA GPUs and none is visible; on the CPU use "
-            "trainer=ddp trainer.devices=N parallel.ep_size=P (gloo)"
+            f"trainer=deepspeed with trainer.accelerator={accelerator}: no CUDA GPU is visible; to run DeepSpeed on "
+            "the CPU add trainer.accelerator=cpu trainer.precision=32-true (gloo, one process per "
+            "trainer.devices)"
         )
 
 
@@ -82,13 +92,18 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
-def check_resume_config(cfg: TrainConfig, saved: dict[str, Any] | None, path: Path) -> None:
-    """Refuse to resume a run with settings that shape the weights (RESUME_FIXED) other than its own."""
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any] | None, path: Path, deepspeed: bool = False) -> None:
+    """Refuse to resume a run with settings that shape the weights (RESUME_FIXED) other than its own; a DeepSpeed
+    checkpoint (``deepspeed``), sharded per rank, also with another process layout (RESUME_FIXED_DEEPSPEED)."""
     if not saved:
         return  # a checkpoint written before the configuration was saved in it
     config = asdict(cfg)
     here = _flat({k: config[k] for k in RESUME_FIXED})
     there = _flat({k: saved.get(k) for k in RESUME_FIXED})
+    if deepspeed:
+        layout_here, layout_there = (_flat({k: c.get(k) for k in ("parallel", "trainer")}) for c in (config, saved))
+        here.update({k: layout_here.get(k) for k in RESUME_FIXED_DEEPSPEED})
+        there.update({k: layout_there.get(k) for k in RESUME_FIXED_DEEPSPEED})
     differ = [f"{k}={there.get(k)} there, {v} here" for k, v in here.items() if k not in RESUME_FREE
               and there.get(k) != v]  # fmt: skip
     if differ:

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.utils import JobStatus
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -32,6 +33,7 @@ from moe.checks import (
     check_resume_config,
     check_train_config,
     command_line_keys,
+    strategy_target,
 )
 from moe.config import DataConfig, TrainConfig, TrainerConfig
 from moe.data import MultiTaskDataModule
@@ -39,6 +41,7 @@ from moe.evaluate import evaluate_tasks
 from moe.export import LIGHTNING_PREFIX, atomic_write, export_model, load_checkpoint, load_weights_into
 from moe.lightning import MoELitModule
 from moe.model import MoETransformer
+from moe.parallel.ds_checkpoint import is_deepspeed_checkpoint, read_client_state
 
 
 class _NoTips(logging.Filter):
@@ -62,6 +65,13 @@ def quiet_known_noise() -> None:
     )
 
 
+def instantiation_error(e: Exception) -> str:
+    """What went wrong in ``hydra.utils.instantiate``, in one line: the target's own error (Hydra 1.3 and 1.4 wrap
+    it in an InstantiationException whose text differs between versions and spans lines)."""
+    cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+    return " ".join(f"{type(cause).__name__}: {cause}".split())
+
+
 def build_logger(node: dict[str, Any] | None, version: Any = None) -> Logger | None:
     """The Lightning logger of a ``_target_`` node (None: no logger). ``version``: the version a resumed run logs
     into (its CSV version directory, its wandb run id), unless the node sets one."""
@@ -74,7 +84,7 @@ def build_logger(node: dict[str, Any] | None, version: Any = None) -> Logger | N
     try:
         logger = instantiate(node, **kwargs)
     except Exception as e:
-        raise ValueError(f"logger ({node.get('_target_')}): {e}") from e
+        raise ValueError(f"logger ({node.get('_target_')}): {instantiation_error(e)}") from e
     if not isinstance(logger, Logger):
         raise TypeError(f"logger: {node.get('_target_')} is not a Lightning logger")
     if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
@@ -93,7 +103,7 @@ def build_callbacks(nodes: dict[str, Any], progress_bar: bool = True) -> list[Ca
         try:
             callback = instantiate(node)
         except Exception as e:
-            raise ValueError(f"callbacks.{name}: {e}") from e
+            raise ValueError(f"callbacks.{name}: {instantiation_error(e)}") from e
         if not isinstance(callback, Callback):
             raise TypeError(f"callbacks.{name}: {node.get('_target_')} is not a Lightning callback")
         if isinstance(callback, ProgressBar) and not progress_bar:
@@ -123,6 +133,14 @@ def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
     raise ValueError(f"data.kind={cfg.kind!r}: expected 'multitask' or 'pycode'")
 
 
+def select_deepspeed_accelerator(tc: TrainerConfig) -> None:
+    """``trainer=deepspeed`` on the CPU: ``DS_ACCELERATOR=cpu`` (DeepSpeed's own switch, read at its first use and
+    inherited by the other ranks' processes), so that DeepSpeed does not look for GPUs and warn it found none."""
+    cpu = tc.accelerator == "cpu" or (tc.accelerator == "auto" and not torch.cuda.is_available())
+    if cpu and "deepspeed" in strategy_target(tc).lower():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def build_trainer(tc: TrainerConfig, **runtime) -> L.Trainer:
     """``lightning.Trainer`` from its config node (the strategy node instantiated with it); ``runtime`` adds what
     the run decides (logger, callbacks, directories)."""
@@ -136,15 +154,16 @@ def resume_path(ckpt_path: str, callbacks: list[Callback]) -> Path:
     writes), anything else a path. Refused when it is not there."""
     if ckpt_path != "last":
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        if not (path.is_file() or is_deepspeed_checkpoint(path)):
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file (or DeepSpeed checkpoint "
+                                    "directory)")  # fmt: skip
         return path
     lasts = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
              for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath]  # fmt: skip
     if not lasts:
         raise ValueError("ckpt_path=last: no callback saves last.ckpt (callbacks.last_checkpoint is left out); give "
                          "the checkpoint's path")  # fmt: skip
-    if not lasts[0].is_file():
+    if not (lasts[0].is_file() or is_deepspeed_checkpoint(lasts[0])):
         raise FileNotFoundError(
             f"ckpt_path=last: no {lasts[0]}. Resume in the interrupted run's own directory: add "
             "hydra.run.dir=<that run directory> (or give ckpt_path=<a .ckpt>)"
@@ -183,16 +202,19 @@ def run(cfg: TrainConfig) -> dict:
     check_train_config(cfg)
     check_parallel(cfg)
     quiet_known_noise()
+    select_deepspeed_accelerator(cfg.trainer)
     out = Path(cfg.output_dir)
     callbacks = build_callbacks(cfg.callbacks, cfg.trainer.enable_progress_bar)
     resume = resume_path(cfg.ckpt_path, callbacks) if cfg.ckpt_path else None
     saved: dict[str, Any] = {}
     if resume:
+        deepspeed = is_deepspeed_checkpoint(resume)
         try:
-            saved = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+            saved = (read_client_state(resume) if deepspeed
+                     else torch.load(resume, map_location="cpu", weights_only=True, mmap=True))  # fmt: skip
         except Exception as e:
             raise ValueError(f"ckpt_path={resume}: not a readable Lightning checkpoint ({e})") from e
-        check_resume_config(cfg, saved.get("train_config"), resume)
+        check_resume_config(cfg, saved.get("train_config"), resume, deepspeed=deepspeed)
     source = cfg.init_from or resume
     init = load_checkpoint(source) if source else None  # a bad file is refused before anything is written
     if cfg.init_from and init.model:  # its recorded architecture wins over model.* (the weights must fit it)

@@ -5,11 +5,10 @@ two AdamW steps with the aux and z losses on and gradient clipping that clips gi
 (atol 1e-6), and the engine's gradient norm is the single-process norm; the optimizer groups are uniquely named
 with the expert group marked ``moe``; ``save_checkpoint`` + ``convert_deepspeed_checkpoint`` give exactly the full
 unsharded weights, and ``load_checkpoint`` gives each rank its shard back; ``configure_optimizers``' optimizer split
-afterwards keeps its LR schedule on every group. Lightning's strategy needs CUDA: on the CPU it refuses, pointing
-to ``trainer=ddp``.
+afterwards keeps its LR schedule on every group. (Lightning's strategy on the CPU, end to end:
+tests/test_deepspeed_train.py.)
 """
 
-import importlib
 import os
 from dataclasses import asdict
 
@@ -69,15 +68,10 @@ def _reference():
 def _deepspeed_on_cpu():
     os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed is first imported
     import deepspeed
-    from deepspeed.accelerator import get_accelerator, set_accelerator
 
-    if get_accelerator().device_name() != "cpu":  # imported earlier in the parent, on a machine with a GPU
-        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from moe.parallel.deepspeed import use_cpu_accelerator
 
-        set_accelerator(CPU_Accelerator())
-    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~80 s on 2 cores, once) that only
-    # inference_all_reduce uses; training never calls it
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    use_cpu_accelerator()  # (deepspeed imported earlier in the parent on a GPU machine) and no shm op build
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group tests.distributed made
     return deepspeed
 
@@ -160,14 +154,18 @@ def test_deepspeed_zero2_expert_parallel_matches_single_process(tmp_path):
     run_distributed(_engine_case, 2, str(tmp_path))
 
 
-def test_strategy_refuses_without_cuda_and_ep_under_zero3(monkeypatch):
+def test_strategy_refuses_ep_under_zero3_and_fp16_on_the_cpu():
     import lightning as L
 
     from moe.parallel.deepspeed import ExpertParallelDeepSpeedStrategy
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"needs CUDA.*trainer=ddp.*parallel\.ep_size"):
-        L.Trainer(strategy=ExpertParallelDeepSpeedStrategy(ep_size=2, stage=2), max_steps=1, logger=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the refusal comes before any device is used
     with pytest.raises(ValueError, match=r"ep_size=2: DeepSpeed refuses MoE layers under ZeRO-3"):
         ExpertParallelDeepSpeedStrategy(ep_size=2, stage=3)
+    with pytest.raises(ValueError, match=r"parallel.ep_size=0: expected an int >= 1"):
+        ExpertParallelDeepSpeedStrategy(ep_size=0)
+    strategy = ExpertParallelDeepSpeedStrategy(ep_size=1, stage=2, timeout=30)
+    assert strategy._timeout.total_seconds() == 30
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, precision="16-mixed", max_steps=1,
+                        logger=False, enable_checkpointing=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"on the CPU: trainer.precision=16-mixed is not supported"):
+        trainer.strategy.setup_environment()

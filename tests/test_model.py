@@ -70,21 +70,32 @@ def test_model_is_causal():
     assert len(routings) == 2 and routings[0].weights.shape == (20, 2)
 
 
-def test_tiny_model_overfits_one_batch():
-    model = tiny_model()
-    tokens = torch.randint(0, 20, (8, 12))
-    tokens[:, 0] = torch.arange(8)  # distinct first tokens, so every next token is determined by its prefix
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        logits, routings = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, 20), tokens[:, 1:].reshape(-1))
-        loss = loss + 0.01 * sum(r.aux_loss for r in routings)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    logits, _ = model(tokens[:, :-1])
+@pytest.mark.parametrize("threads", [1, 2])  # the expert kernel is picked by thread count (moe.experts.pick_impl)
+def test_tiny_model_overfits_one_batch(threads):
+    """200 AdamW steps, cosine-decayed from 1e-2 to 0, fit one batch exactly. The batch has its own generator (it
+    must not depend on what ran before) and the decay ends the run at rest: at a constant 1e-2, batch seeds 0-5
+    reached 1.0 by step 150 yet some sat at 0.989 on a loss spike at step 150 or 300."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = tiny_model()
+        tokens = torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(0))
+        tokens[:, 0] = torch.arange(8)  # distinct first tokens, so every next token is determined by its prefix
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=200)
+        for _ in range(200):
+            logits, routings = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, 20), tokens[:, 1:].reshape(-1))
+            loss = loss + 0.01 * sum(r.aux_loss for r in routings)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+        logits, _ = model(tokens[:, :-1])
+    finally:
+        torch.set_num_threads(previous)
     assert (logits.argmax(-1) == tokens[:, 1:]).float().mean() == 1.0
-    assert loss.item() < 0.1
+    assert loss.item() < 0.05  # the aux loss alone is ~0.01 x 2 layers x ~1
 
 
 def test_bad_config_names_the_field():

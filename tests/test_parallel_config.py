@@ -29,11 +29,13 @@ def test_only_the_all_to_all_dispatcher_imports_torch_distributed_and_model_file
     assert all(p.startswith("moe/parallel/") for p in deepspeed), deepspeed
 
 
-def test_deepspeed_on_a_cpu_only_machine_points_to_ddp(monkeypatch):
+def test_deepspeed_asked_for_gpus_on_a_cpu_only_machine_points_to_the_cpu(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    cfg: TrainConfig = compose_train(["trainer=deepspeed", "parallel.ep_size=2"])
-    with pytest.raises(ValueError, match=r"needs CUDA.*trainer=ddp"):
+    cfg: TrainConfig = compose_train(["trainer=deepspeed", "trainer.accelerator=gpu", "parallel.ep_size=2"])
+    with pytest.raises(ValueError, match=r"accelerator=gpu: no CUDA GPU is visible.*trainer\.accelerator=cpu"):
         check_parallel(cfg)
+    check_parallel(compose_train(["trainer=deepspeed", "parallel.ep_size=2"]))  # accelerator=auto: the CPU here
+    check_parallel(compose_train(["trainer=deepspeed", "trainer.accelerator=cpu", "parallel.ep_size=2"]))
 
 
 def test_expert_parallel_without_a_distributed_strategy_is_refused():

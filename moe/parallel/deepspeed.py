@@ -31,13 +31,19 @@ both ranks (bf16 rounding; not tested).
 
 from __future__ import annotations
 
+import argparse
+import logging
+from datetime import timedelta
+
 import torch
 from deepspeed import comm as ds_comm
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import set_z3_leaf_modules
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import nn
 
 from moe.dispatch.all_to_all import groups_from
@@ -54,12 +60,6 @@ __all__ = [
     "split_moe_groups",
     "split_optimizer",
 ]
-
-CPU_MESSAGE = (
-    "Lightning's DeepSpeedStrategy needs CUDA GPUs (this machine has none). On the CPU, train expert-parallel with "
-    "trainer=ddp and parallel.ep_size=N instead."
-)
-
 
 class DeepSpeedMoEBridge(MoE):
     """What DeepSpeed's engine sees of one sharded ``MoELayer``. Owns no parameters and is never run.
@@ -200,29 +200,61 @@ def split_optimizer(optimizer: torch.optim.Optimizer, scheduler=None) -> None:
                 setattr(s, attr, [values[i] for i in origin])
 
 
-def _require_cuda(accelerator=None) -> None:
-    from lightning.pytorch.accelerators import CUDAAccelerator
+SHM_COMM_OP = "deepspeed_shm_comm"
 
-    if not torch.cuda.is_available() or (accelerator is not None and not isinstance(accelerator, CUDAAccelerator)):
-        raise RuntimeError(CPU_MESSAGE)
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU communication backend from JIT-compiling its shared-memory all-reduce op.
+
+    ``deepspeed.comm.torch.TorchBackend`` builds ``deepspeed_shm_comm`` in ``init_distributed`` whenever DeepSpeed's
+    op table (``deepspeed.ops.__compatible_ops__``) says it can: a C++ build of about a minute on 2 idle cores, more
+    under load, whose lock file, if the build is killed, makes every later start wait on it without a word. The op
+    serves ``inference_all_reduce`` only; training's collectives go through torch.distributed (gloo) either way.
+    Marking it incompatible in that table is how DeepSpeed skips it on machines that cannot build it.
+    """
+    import deepspeed.ops
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # the table's first read probes each op with a compiler, logging every command
+    try:
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    finally:
+        logging.disable(previous)
+
+
+def use_cpu_accelerator() -> None:
+    """Make DeepSpeed run on the CPU (what ``DS_ACCELERATOR=cpu`` does at import) when it picked a GPU, without the
+    ``deepspeed_shm_comm`` build (``skip_shm_comm_op``)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+    skip_shm_comm_op()
 
 
 class ExpertParallelDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeedStrategy (ZeRO-1/2) with expert parallelism over ``ep_size`` ranks.
+    """Lightning's DeepSpeedStrategy (ZeRO-1/2/3) with expert parallelism over ``ep_size`` ranks, on GPUs or on the
+    CPU (``trainer.accelerator=cpu``: gloo, DeepSpeed's CPU accelerator, fp32 or bf16).
 
     At ``setup`` (after the process groups exist, before ``configure_optimizers`` runs) the LightningModule's MoE
     layers are sharded and bridged (``deepspeed_expert_parallel``); the optimizer from ``configure_optimizers`` is
     then split into uniquely named dense / expert groups, its LR scheduler following (``split_optimizer``).
-    Refused before any work: a machine without CUDA (use ``trainer=ddp`` with ``parallel.ep_size``), a non-CUDA
-    accelerator, ``ep_size > 1`` with ZeRO-3.
+    What Lightning's class hard-wires to CUDA is lifted on the CPU: its accelerator check (``setup_environment``),
+    the device-index check (CPU devices have none), and ``device_rank`` for ``deepspeed.initialize`` (the local
+    rank instead of the CPU's ``None``). ``timeout`` (seconds, or a ``timedelta``) bounds every collective: a rank
+    that dies makes the others fail after it instead of waiting forever. Refused before any work: ``ep_size < 1``,
+    ``ep_size > 1`` with ZeRO-3, fp16 on the CPU.
     """
 
     strategy_name = "deepspeed_ep"
 
-    def __init__(self, ep_size: int = 1, **kwargs):
-        _require_cuda()
-        if ep_size < 1:
-            raise ValueError(f"parallel.ep_size={ep_size}: expected >= 1")
+    def __init__(self, ep_size: int = 1, timeout: float | timedelta | None = None, **kwargs):
+        if not isinstance(ep_size, int) or ep_size < 1:
+            raise ValueError(f"parallel.ep_size={ep_size!r}: expected an int >= 1")
+        if timeout is not None:
+            kwargs["timeout"] = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         super().__init__(**kwargs)
         self.ep_size = ep_size
         _check_stage(ep_size, self._zero_stage())
@@ -230,13 +262,43 @@ class ExpertParallelDeepSpeedStrategy(DeepSpeedStrategy):
     def _zero_stage(self) -> int:
         return (self.config.get("zero_optimization") or {}).get("stage", 0)
 
+    @property
+    def on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
     def setup_environment(self) -> None:
-        _require_cuda(self.accelerator)
-        super().setup_environment()
+        if not self.on_cpu:
+            return super().setup_environment()  # Lightning's: CUDA only
+        if str(self.precision_plugin.precision) == "16-mixed":
+            raise ValueError("trainer=deepspeed on the CPU: trainer.precision=16-mixed is not supported; use 32-true "
+                             "or bf16-mixed")  # fmt: skip
+        use_cpu_accelerator()
+        DDPStrategy.setup_environment(self)  # what Lightning's DeepSpeedStrategy does past its CUDA check
+
+    def setup_distributed(self) -> None:
+        if not self.on_cpu:
+            return super().setup_distributed()
+        reset_seed()  # Lightning's, without _validate_device_index_selection: CPU devices have no index
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
 
     def setup(self, trainer) -> None:
         deepspeed_expert_parallel(self.lightning_module, self.ep_size, zero_stage=self._zero_stage())
         super().setup(trainer)
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        """``deepspeed.initialize`` as Lightning calls it, with ``device_rank`` the local rank on the CPU (Lightning
+        passes the device index, None there, which the engine compares with 0)."""
+        if not self.on_cpu:
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False,
+        )  # fmt: skip
+        return engine, ds_optimizer
 
     def lightning_module_state_dict(self) -> dict:
         """The module's state with every expert gathered (a collective over the EP groups): what the run's

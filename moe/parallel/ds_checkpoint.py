@@ -51,6 +51,24 @@ def _tag_dir(checkpoint_dir: Path) -> Path:
     return tags[0]
 
 
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a DeepSpeed checkpoint directory (what Lightning's DeepSpeedStrategy saves as a
+    ``.ckpt``): a ``latest`` file or a tag folder holding ``mp_rank_00_model_states.pt``."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return (path / MAIN_FILE).is_file() or (path / "latest").is_file() or any(
+        (d / MAIN_FILE).is_file() for d in path.iterdir() if d.is_dir()
+    )
+
+
+def read_client_state(checkpoint_dir: str | Path) -> dict:
+    """The main file's entries but the module weights: Lightning's client state (``global_step``,
+    ``hyper_parameters``, callbacks' state, ...) and DeepSpeed's own (``ds_config``, ``ds_version``)."""
+    main = torch.load(_tag_dir(Path(checkpoint_dir)) / MAIN_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return {k: v for k, v in main.items() if k != "module"}
+
+
 def read_deepspeed_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The full, unsharded weights (names as saved, e.g. with Lightning's ``model.`` prefix) and the main file's
     other entries (client state included)."""
