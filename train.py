@@ -1,6 +1,6 @@
 """Train the MoE transformer on the embedded multi-task data (or the stdlib's source: experiment=pycode).
 
-python train.py                                   # ~5 min on 2 CPU cores, wandb offline
+python train.py                                   # ~2.5-4 min on 2 CPU cores, wandb offline
 python train.py router.k=1 model.num_experts=16   # any key of moe.config.TrainConfig
 python train.py experiment=finetune data.tasks=[sort] init_from=outputs/<run>/export
 python train.py trainer=ddp trainer.devices=2 parallel.ep_size=2   # expert parallel on 2 processes (gloo / NCCL)
@@ -11,7 +11,7 @@ python train.py -m experiment=pipeline merge.method=ties,dare   # base -> fine-t
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.cli import hydra_main_args, quiet_own_callbacks
+from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides
 from moe.config import TrainConfig, register_configs
 from moe.training import adopt_launcher_env, configure_threads, run
 
@@ -33,4 +33,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    refuse_unknown_overrides(TrainConfig, "python train.py --help lists every option")
     main()

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.cli import hydra_main_args, quiet_own_callbacks
+from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides
 from merging.config import DATA_AWARE, MergeConfig, register_configs
 from merging.merge import merge
 
@@ -34,14 +34,13 @@ def make_adapter(cfg: MergeConfig):
 def evaluate_merge(cfg: MergeConfig, adapter=None) -> dict[str, dict[str, float]]:
     """Per-task exact match of the merged model and of every input on the embedded validation split; prints the
     absolute and normalized accuracies. Returns ``{"merged" | "base" | "model{i}": {task: accuracy}}``."""
-    from rich.console import Console
-
+    from merging.cli import table_console
     from merging.evaluate import accuracy_table, evaluate_paths
 
     adapter = adapter if adapter is not None else make_adapter(cfg)
     results, norm, owners = evaluate_paths(cfg.out, cfg.base, list(cfg.models), cfg.data, adapter, cfg.tasks,
                                            progress=cfg.progress)  # fmt: skip
-    Console().print(accuracy_table(results, norm, owners))
+    table_console().print(accuracy_table(results, norm, owners))
     return results
 
 
@@ -144,4 +143,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_unknown_overrides(MergeConfig, "python -m merging --help lists every option")
     main()

@@ -7,8 +7,11 @@ Hydra's own report with the traceback; a multirun records the failed job and goe
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import sys
+import typing
 import warnings
 from typing import Any
 
@@ -27,6 +30,59 @@ def one_line(error: BaseException) -> str:
     """The error's message on one line (OmegaConf's ``full_key:`` / ``object_type=`` lines joined with '; ')."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__
+
+
+def schema_keys(schema: type, prefix: str = "") -> tuple[set[str], set[str]]:
+    """The dotted keys of a dataclass schema, and the prefixes under which any key goes (``dict`` / ``Any``
+    fields: ``callbacks``, ``trainer.strategy``, ``adapter``, ...)."""
+    keys, open_ = set(), set()
+    for name, hint in typing.get_type_hints(schema).items():
+        key = f"{prefix}{name}"
+        keys.add(key)
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if any(dataclasses.is_dataclass(a) for a in args):
+            sub_keys, sub_open = schema_keys(next(a for a in args if dataclasses.is_dataclass(a)), f"{key}.")
+            keys |= sub_keys
+            open_ |= sub_open
+        elif any(a is typing.Any or typing.get_origin(a) is dict or a is dict for a in args):
+            open_.add(key)
+    return keys, open_
+
+
+def unknown_overrides(schema: type, argv: list[str]) -> list[str]:
+    """The ``key=value`` command-line overrides whose key the schema does not have, each with the closest valid
+    keys (``model.d_modle (did you mean model.d_model?)``). Hydra's own refusal suggests appending the key with
+    ``+``, which the schema refuses in turn; this check runs first. Group choices (``model=tiny``,
+    ``model/moe=capacity``), ``+``/``~`` edits and ``hydra.*`` are Hydra's to check."""
+    keys, open_ = schema_keys(schema)
+    bad = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if arg.startswith("-") or "=" not in arg or key[:1] in "+~" or "/" in key or "@" in key:
+            continue
+        if key == "hydra" or key.startswith("hydra.") or key in keys or any(key.startswith(f"{p}.") for p in open_):
+            continue
+        close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
+        bad.append(f"{key} (did you mean {' or '.join(close)}?)" if close else key)
+    return bad
+
+
+def refuse_unknown_overrides(schema: type, hint: str, argv: list[str] | None = None) -> None:
+    """Exit with ``Error: ...`` and ``Hint: ...`` (status 1, as Hydra's refusals) when ``unknown_overrides``
+    finds any; before Hydra starts, so its misleading hint is never printed."""
+    bad = unknown_overrides(schema, sys.argv[1:] if argv is None else argv)
+    if bad:
+        print(f"Error: unknown config key(s): {'; '.join(bad)}\nHint: {hint}", file=sys.stderr)
+        sys.exit(1)
+
+
+def table_console(**kwargs: Any):
+    """A rich Console for printed tables: the terminal's width on a terminal; written to a file or a pipe, wide
+    enough that no column header is cut (rich would fit the table into 80 columns)."""
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    return console if console.is_terminal else Console(width=1000, **kwargs)
 
 
 def hydra_main_args() -> dict[str, str]:

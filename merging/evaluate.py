@@ -82,7 +82,16 @@ def accuracy_table(results, norm, owners):
         own = owners.get(task)
         cells = [f"{results[label][task]:.3f}" for label in labels]
         table.add_row(task, *cells, own or "-", f"{norm[task]:.3f}" if task in norm else "-")
-    means = [f"{sum(results[label].values()) / len(results[label]):.3f}" for label in labels]
-    mean_norm = sum(norm.values()) / len(norm) if norm else float("nan")
-    table.add_row("[bold]mean[/bold]", *means, "", f"[bold]{mean_norm:.3f}[/bold]")
+    tasks = list(results["merged"])
+    table.add_row(f"mean, all {len(tasks)} tasks", *[f"{_mean(results[label], tasks):.3f}" for label in labels], "",
+                  "-")  # fmt: skip
+    if norm:  # the normalized mean covers the fine-tuned tasks only: its own row, with the absolute means beside it
+        tuned = [t for t in tasks if t in norm]
+        table.add_row(f"[bold]mean, {len(tuned)} fine-tuned task{'s' * (len(tuned) != 1)}[/bold]",
+                      *[f"{_mean(results[label], tuned):.3f}" for label in labels], "",
+                      f"[bold]{sum(norm[t] for t in tuned) / len(tuned):.3f}[/bold]")  # fmt: skip
     return table
+
+
+def _mean(accuracies: dict[str, float], tasks: list[str]) -> float:
+    return sum(accuracies[t] for t in tasks) / len(tasks)

@@ -14,9 +14,9 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from merging.cli import table_console
 from moe.config import TrainConfig
 from moe.export import atomic_write
 
@@ -51,7 +51,7 @@ def run_pipeline(cfg: TrainConfig) -> dict:
     base_cfg = replace(cfg, trainer=replace(cfg.trainer, max_steps=p.base_steps), init_from=None)
     key = _key(base_cfg.model, base_cfg.router, base_cfg.data, base_cfg.optim, p.base_steps, cfg.seed)
     base_dir = cache / f"base-{key}"
-    console = Console()
+    console = table_console()
     console.print(f"[bold]pipeline[/bold]: base -> {base_dir}")
     base = _trained(base_cfg, base_dir)
     fine_tunes = []
@@ -87,6 +87,7 @@ def run_pipeline(cfg: TrainConfig) -> dict:
     }
     atomic_write(out / "pipeline.json", lambda f: Path(f).write_text(json.dumps(summary, indent=2)))
     console.print(comparison_table(summary))
+    console.print(f"pipeline: {out / 'pipeline.json'}\nmerged:   {out / 'merged'}\nrun:      {out}")
     _log_wandb(cfg, summary)
     return summary
 

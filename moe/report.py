@@ -23,6 +23,20 @@ import numpy as np
 
 from moe import plots
 
+# picture name, the logged keys it draws, its y label
+CURVES = (("loss", ("train/loss", "val/loss"), "loss"),
+          ("accuracy", ("val/mean_accuracy", "train/exact_match"), "accuracy"),
+          ("bits_per_byte", ("train/bpb", "val/bpb"), "bits per byte"))  # fmt: skip
+
+
+def metric_series(metric_rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged scalar over the ``"kind": "metrics"`` records, one point per step. A
+    ``train/`` or ``val/`` key is read from the records of its own split only (the others carry its last value)."""
+    split = key.split("/", 1)[0]
+    rows = [r for r in metric_rows if r.get("split") == split] if split in ("train", "val") else metric_rows
+    points = {r["step"]: r["values"][key] for r in rows if key in r["values"]}
+    return sorted(points), [points[s] for s in sorted(points)]
+
 
 def read_stats(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "routing" / "stats.jsonl"
@@ -99,14 +113,9 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 fig = plots.heatmap(total, [f"e{e}" for e in range(total.shape[0])], names,
                                     f"layer {i}: experts per {label}", label, "expert")  # fmt: skip
                 pictures.append(_save(fig, out / f"{fname}_layer{i}.png"))
-    for name, keys, ylabel in (("loss", ("train/loss", "val/loss"), "loss"),
-                               ("accuracy", ("val/mean_accuracy", "train/exact_match"), "accuracy"),
-                               ("bits_per_byte", ("train/bpb", "val/bpb"), "bits per byte")):  # fmt: skip
-        series = {}
-        for key in keys:
-            pts = [(r["step"], r["values"][key]) for r in metric_rows if key in r["values"]]
-            if pts:
-                series[key] = ([p[0] for p in pts], [p[1] for p in pts])
+    for name, keys, ylabel in CURVES:
+        series = {key: metric_series(metric_rows, key) for key in keys}
+        series = {key: pts for key, pts in series.items() if pts[0]}
         if series:
             pictures.append(_save(plots.curves(series, name, ylabel), out / f"{name}.png"))
     md += ["## Balance per layer (last record)", "", *table, ""]

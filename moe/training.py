@@ -22,10 +22,9 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from rich.console import Console
 from rich.table import Table
 
-from merging.cli import CleanErrors
+from merging.cli import CleanErrors, table_console
 from moe.callbacks.run import RunState, ValidateAtLastStep
 from moe.checks import (
     check_init_architecture,
@@ -287,7 +286,8 @@ def run(cfg: TrainConfig) -> dict:
             results = {"tasks": accs, "mean_accuracy": mean, **where}
         atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
         title = f"{'Bits per byte' if lm else 'Exact match'} on validation after {trainer.global_step} steps"
-        Console().print(accuracy_table(results["bits_per_byte"] if lm else accs, title, "bits/byte" if lm else None))
+        table = accuracy_table(results["bits_per_byte"] if lm else accs, title, "bits/byte" if lm else None)
+        table_console().print(table)
         print(f"results: {out / 'results.json'}\nexport:  {weights.parent}")
         return results
     finally:

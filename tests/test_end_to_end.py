@@ -21,6 +21,7 @@ from moe.config import DataConfig, TrainConfig, register_configs
 from moe.data import build_splits
 from moe.evaluate import task_metrics
 from moe.export import load_model
+from moe.report import metric_series, read_stats
 from moe.training import run
 
 from .conftest import CONF, ROOT
@@ -64,6 +65,18 @@ def test_train_cli_smoke_run(tmp_path):
         "routing/val/layer0/cv",
     ):
         assert key in header, key
+    # python -m moe.report: every curve ends at the final validation, whose accuracy is results.json's
+    report_proc, _ = cli("-m", "moe.report", str(tmp_path))
+    assert (tmp_path / "report" / "accuracy.png").is_file() and (tmp_path / "report" / "loss.png").is_file()
+    rows = [r for r in read_stats(tmp_path) if r.get("kind") == "metrics"]
+    steps, accs = metric_series(rows, "val/mean_accuracy")
+    assert steps == [10, 20] and accs[-1] == pytest.approx(results["mean_accuracy"], abs=1e-6)
+    logged = {}
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open(newline="") as f:
+        for row in csv.DictReader(f):  # Lightning's CSV step is the step index, one less than the steps done
+            logged.update({int(row["step"]) + 1: float(row["train/loss"])} if row.get("train/loss") else {})
+    steps, losses = metric_series(rows, "train/loss")
+    assert steps[-1] == 20 and losses == pytest.approx([logged[s] for s in steps], abs=1e-6)
 
 
 def wandb_records(path: Path, block: int = 32768):
@@ -215,3 +228,6 @@ def test_pipeline_multirun_over_methods_trains_base_and_finetunes_once(tmp_path)
         assert set(s["accuracy"]["base"]) == {"copy", "reverse", "sort", "add", "lookup", "count"}
         assert s["base"] == summaries[0]["base"] and s["fine_tunes"] == summaries[0]["fine_tunes"]  # cached
     assert proc.stdout.count("Pipeline: merge =") == 2  # the printed comparison tables
+    assert "fine-tune copy" in proc.stdout and "…" not in proc.stdout  # full headers in a pipe, not cut to 80
+    for job in sorted((tmp_path / "sweep").glob("*/pipeline.json")):
+        assert f"pipeline: {job}" in proc.stdout  # where each job's comparison went

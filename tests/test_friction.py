@@ -185,3 +185,41 @@ def test_each_help_lists_its_own_config_groups():
     assert not any(g in merge for g in ("router: ", "trainer: ", "model: ", "data: "))
     assert "powered by Hydra" not in train + merge and "__main__" not in merge
     assert merge.startswith("python -m merging") and train.startswith("python train.py")
+
+
+# ---- issue 19 item 4 ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, close", [(["train.py", "model.d_modle=64"], "model.d_model"),
+                                         (["-m", "merging", "methd.density=0.2"], "method.density")])  # fmt: skip
+def test_a_mistyped_key_is_refused_with_the_closest_keys_not_hydras_append_hint(args, close, tmp_path):
+    proc = cli(*args, cwd=ROOT, ok=False)
+    assert proc.returncode == 1 and f"did you mean {close}" in proc.stderr
+    assert "To append" not in proc.stderr and "+model" not in proc.stderr
+    assert proc.stderr.startswith("Error: unknown config key(s)") and "Hint: " in proc.stderr
+
+
+def test_override_keys_under_open_nodes_and_group_choices_pass_the_key_check():
+    from merging.cli import unknown_overrides
+    from moe.config import TrainConfig
+
+    ok = ["model=tiny", "model/moe=capacity", "+extra=1", "~callbacks.rich_progress", "hydra.run.dir=x", "-m",
+          "trainer.strategy.stage=3", "callbacks.model_checkpoint.save_top_k=3", "logger.mode=online",
+          "trainer.extra.limit_val_batches=2", "merge.params.density=0.2", "router.k=1"]  # fmt: skip
+    assert unknown_overrides(TrainConfig, ok) == []
+    bad = unknown_overrides(TrainConfig, ["optim.lrr=1", "zzz=1"])
+    assert bad == ["optim.lrr (did you mean optim.lr or optim.impl or optim?)", "zzz"]
+
+
+def test_merge_table_means_say_over_which_tasks():
+    from merging.cli import table_console
+    from merging.evaluate import accuracy_table
+
+    results = {"merged": {"a": 0.5, "b": 1.0, "c": 0.0}, "base": {"a": 0.2, "b": 0.4, "c": 0.6}}
+    console = table_console(record=True, file=open(os.devnull, "w"))  # not a terminal: full-width headers
+    console.print(accuracy_table(results, {"a": 0.5, "b": 1.0}, {"a": "model0", "b": "model1"}))
+    text = console.export_text()
+    assert "mean, all 3 tasks" in text and "0.500" in text.split("mean, all 3 tasks")[1].splitlines()[0]
+    tuned = text.split("mean, 2 fine-tuned tasks")[1].splitlines()[0].split()
+    assert tuned[:4] == ["│", "0.750", "│", "0.300"] and "0.750" in tuned[-2:]  # merged, base ... normalized
+    assert "normalized" in text and "…" not in text

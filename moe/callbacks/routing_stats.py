@@ -100,6 +100,7 @@ class RoutingStatsCallback(L.Callback):
         self.plot_joint: list[_Window] = [_Window() for _ in self.layers]  # counts since the last pictures
         self.dead_runs = [None] * len(self.layers)
         self.hot: set[tuple[int, int]] = set()
+        self.pending_metrics: int | None = None  # a train logging step whose "metrics" record is not written yet
         root = Path(self.save_dir or trainer.default_root_dir) / "routing"
         self.out = root if trainer.is_global_zero else None
         if self.out is not None:
@@ -115,6 +116,7 @@ class RoutingStatsCallback(L.Callback):
         self.windows.setdefault(split, [_Window() for _ in self.layers])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush_metrics(trainer)
         self._start("train", batch)
         self.step_now = trainer.global_step + 1  # the step this batch's optimizer step will complete
         # the router's [T, E] distribution is materialised for the entropy on logging steps only
@@ -141,8 +143,27 @@ class RoutingStatsCallback(L.Callback):
         if not trainer.sanity_checking and "val" in self.windows:
             self._log(trainer, pl_module, "val")
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._flush_metrics(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """The run's scalars once this validation's epoch-level values are in ``callback_metrics`` (they are not
+        yet at ``on_validation_epoch_end``, where callbacks run before the module logs its own)."""
+        if not trainer.sanity_checking:
+            self._write([], {"step": trainer.global_step, "split": "val", "kind": "metrics",
+                             "values": self._scalars(trainer)})  # fmt: skip
+
     def on_train_end(self, trainer, pl_module) -> None:
+        self._flush_metrics(trainer)
         self._pictures(trainer, trainer.global_step)
+
+    def _flush_metrics(self, trainer) -> None:
+        """Write the last train logging step's "metrics" record: Lightning moves a step's logged values into
+        ``callback_metrics`` after ``on_train_batch_end``, so they are read at the next hook."""
+        if self.pending_metrics is not None:
+            self._write([], {"step": self.pending_metrics, "split": "train", "kind": "metrics",
+                             "values": self._scalars(trainer)})  # fmt: skip
+            self.pending_metrics = None
 
     # ---- accumulation (inside the layers' forward) ----------------------------------------------------------------
 
@@ -265,17 +286,19 @@ class RoutingStatsCallback(L.Callback):
         pl_module.log_dict(metrics, on_step=train, on_epoch=not train, batch_size=1, sync_dist=not train)
         self._log_wandb(trainer, {f"routing/{split}/layer{r['layer']}/load_hist": r["load"] for r in records
                                   if "load" in r}, histogram=True)  # fmt: skip
-        self._write(records, {"step": step, "split": split, "kind": "metrics", "values": self._scalars(trainer)})
+        self._write(records)
+        if train:
+            self.pending_metrics = step
 
     def _scalars(self, trainer) -> dict[str, float]:
         return {k: float(v) for k, v in trainer.callback_metrics.items()
                 if not k.startswith("routing/") and torch.as_tensor(v).numel() == 1}  # fmt: skip
 
-    def _write(self, records: list[dict], metrics: dict) -> None:
+    def _write(self, records: list[dict], metrics: dict | None = None) -> None:
         if self.out is None:
             return
         with open(self.out / "stats.jsonl", "a") as f:
-            for rec in [*records, metrics]:
+            for rec in [*records, *([metrics] if metrics else [])]:
                 f.write(json.dumps(rec) + "\n")
 
     def _warn(self, i: int, load: torch.Tensor, step: int) -> None:
