@@ -8,6 +8,8 @@ python train.py <the run's overrides> ckpt_path=last hydra.run.dir=outputs/<run>
 python train.py -m experiment=pipeline merge.method=ties,dare   # base -> fine-tunes -> merge -> comparison
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,5 +35,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    refuse_unknown_overrides(TrainConfig, "python train.py --help lists every option")
+    refuse_unknown_overrides(TrainConfig, Path(__file__).parent / "conf", "python train.py --help lists every option")
     main()

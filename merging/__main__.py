@@ -143,5 +143,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    refuse_unknown_overrides(MergeConfig, "python -m merging --help lists every option")
+    conf = Path(__file__).parents[1] / "conf"
+    refuse_unknown_overrides(MergeConfig, conf, "python -m merging --help lists every option")
     main()

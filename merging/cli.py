@@ -13,6 +13,7 @@ import os
 import sys
 import typing
 import warnings
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobStatus
@@ -49,28 +50,36 @@ def schema_keys(schema: type, prefix: str = "") -> tuple[set[str], set[str]]:
     return keys, open_
 
 
-def unknown_overrides(schema: type, argv: list[str]) -> list[str]:
+def unknown_overrides(schema: type, argv: list[str], groups: set[str] = frozenset()) -> list[str]:
     """The ``key=value`` command-line overrides whose key the schema does not have, each with the closest valid
     keys (``model.d_modle (did you mean model.d_model?)``). Hydra's own refusal suggests appending the key with
-    ``+``, which the schema refuses in turn; this check runs first. Group choices (``model=tiny``,
-    ``model/moe=capacity``), ``+``/``~`` edits and ``hydra.*`` are Hydra's to check."""
+    ``+``, which the schema refuses in turn; this check runs first. Config group choices (``groups``:
+    ``experiment=smoke``, ``model/moe=capacity``), ``+``/``~`` edits and ``hydra.*`` are Hydra's to check."""
     keys, open_ = schema_keys(schema)
     bad = []
     for arg in argv:
         key = arg.split("=", 1)[0]
-        if arg.startswith("-") or "=" not in arg or key[:1] in "+~" or "/" in key or "@" in key:
+        if arg.startswith("-") or "=" not in arg or key[:1] in "+~" or "@" in key:
             continue
-        if key == "hydra" or key.startswith("hydra.") or key in keys or any(key.startswith(f"{p}.") for p in open_):
+        if key in groups or key == "hydra" or key.startswith("hydra.") or key in keys or any(
+                key.startswith(f"{p}.") for p in open_):  # fmt: skip
             continue
         close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
         bad.append(f"{key} (did you mean {' or '.join(close)}?)" if close else key)
     return bad
 
 
-def refuse_unknown_overrides(schema: type, hint: str, argv: list[str] | None = None) -> None:
+def config_groups(conf_dir: str | os.PathLike) -> set[str]:
+    """The config groups under a Hydra config directory (``model``, ``model/moe``, ``hydra/launcher``, ...)."""
+    root = Path(conf_dir)
+    return {str(d.relative_to(root)) for d in root.rglob("*") if d.is_dir()}
+
+
+def refuse_unknown_overrides(schema: type, conf_dir: str | os.PathLike, hint: str,
+                             argv: list[str] | None = None) -> None:  # fmt: skip
     """Exit with ``Error: ...`` and ``Hint: ...`` (status 1, as Hydra's refusals) when ``unknown_overrides``
     finds any; before Hydra starts, so its misleading hint is never printed."""
-    bad = unknown_overrides(schema, sys.argv[1:] if argv is None else argv)
+    bad = unknown_overrides(schema, sys.argv[1:] if argv is None else argv, config_groups(conf_dir))
     if bad:
         print(f"Error: unknown config key(s): {'; '.join(bad)}\nHint: {hint}", file=sys.stderr)
         sys.exit(1)

@@ -200,15 +200,18 @@ def test_a_mistyped_key_is_refused_with_the_closest_keys_not_hydras_append_hint(
 
 
 def test_override_keys_under_open_nodes_and_group_choices_pass_the_key_check():
-    from merging.cli import unknown_overrides
+    from merging.cli import config_groups, unknown_overrides
     from moe.config import TrainConfig
 
-    ok = ["model=tiny", "model/moe=capacity", "+extra=1", "~callbacks.rich_progress", "hydra.run.dir=x", "-m",
+    groups = config_groups(ROOT / "conf")
+    assert {"experiment", "model/moe", "hydra/launcher", "method"} <= groups
+    ok = ["model=tiny", "model/moe=capacity", "experiment=smoke", "hydra/launcher=slurm", "+extra=1",
+          "~callbacks.rich_progress", "hydra.run.dir=x", "-m",
           "trainer.strategy.stage=3", "callbacks.model_checkpoint.save_top_k=3", "logger.mode=online",
           "trainer.extra.limit_val_batches=2", "merge.params.density=0.2", "router.k=1"]  # fmt: skip
-    assert unknown_overrides(TrainConfig, ok) == []
-    bad = unknown_overrides(TrainConfig, ["optim.lrr=1", "zzz=1"])
-    assert bad == ["optim.lrr (did you mean optim.lr or optim.impl or optim?)", "zzz"]
+    assert unknown_overrides(TrainConfig, ok, groups) == []
+    bad = unknown_overrides(TrainConfig, ["optim.lrr=1", "zzz=1", "experiment.x=1"], groups)
+    assert bad == ["optim.lrr (did you mean optim.lr or optim.impl or optim?)", "zzz", "experiment.x"]
 
 
 def test_merge_table_means_say_over_which_tasks():
