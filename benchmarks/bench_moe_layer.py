@@ -22,7 +22,8 @@ Candidates:
 
 On the CPU the project path runs the PyTorch kernels (``impl="auto"``). CPU targets, printed at the end:
 ``moe.layers.MoELayer`` >= 1.2x faster than the HF block on every shape (issue 14), and the kernels path >= 2x
-faster than the loop over experts. CPU default: fp32, best of 7 interleaved rounds, the three CPU shapes:
+faster than the loop over experts. Default: the median of 9 interleaved rounds (GPU: 10), repeated 5 times (GPU:
+once); the summary gives the medians and the ratio's median and range over the repeats. CPU: fp32, the three CPU shapes:
 
     python benchmarks/bench_moe_layer.py --threads 2 --wait-quiet 900      # CPU: ours vs HF, summary table
     python benchmarks/bench_moe_layer.py --json layer.json                 # GPU: the reference configs, bf16
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -219,14 +221,23 @@ def experts_impl(x: torch.Tensor, L: Layer) -> str:
     return pick_impl(x.new_empty(ids.numel(), x.shape[1]), counts, L.w1.shape[2])
 
 
-def print_summary(summary: list[tuple], stat: str, rounds: int) -> None:
-    """One line per shape: our layer, the HF block, the ratio, and the 1-min load average around the timing."""
-    print(f"\n## Summary: {OURS_LAYER} vs {HF} ({stat} of {rounds}, forward + backward; target >= 1.2x)")
-    print("\n| shape | ours (ms) | HF (ms) | HF / ours | our experts | HF experts | load avg before / after |")
+def _median(values: list) -> float | str:
+    """The median of the timings (an error string, if any repeat failed, instead)."""
+    errors = [v for v in values if not isinstance(v, float)]
+    return errors[0] if errors else statistics.median(values)
+
+
+def print_summary(summary: list[tuple], stat: str, rounds: int, repeat: int) -> None:
+    """One line per shape: our layer, the HF block (medians over the repeats), the ratio's median and range over
+    the repeats, and the 1-min load average around the timing."""
+    print(f"\n## Summary: {OURS_LAYER} vs {HF} ({stat} of {rounds} rounds, {repeat} repeats, forward + backward; "
+          "target >= 1.2x)")  # fmt: skip
+    print("\n| shape | ours (ms) | HF (ms) | HF / ours: median [min-max] | our experts | HF experts | load avg |")
     print("|---|---:|---:|---:|---|---|---|")
-    for shape, ours, hf, hf_impl, load0, load1, impl in summary:
-        ok = isinstance(ours, float) and isinstance(hf, float)
-        cells = f"{ours / 1e3:.2f} | {hf / 1e3:.2f} | {hf / ours:.2f}x" if ok else f"{ours} | {hf} | -"
+    for shape, ours, hf, ratios, hf_impl, load0, load1, impl in summary:
+        ok = isinstance(ours, float) and isinstance(hf, float) and ratios
+        spread = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]" if ok else "-"
+        cells = f"{ours / 1e3:.2f} | {hf / 1e3:.2f} | {spread}" if ok else f"{ours} | {hf} | -"
         print(f"| {shape} | {cells} | {impl} | {hf_impl} | {load0:.2f} / {load1:.2f} |")
 
 
@@ -244,8 +255,10 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="a custom T,d,f,E,k (instead of --configs)")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="GPU default bf16, CPU fp32")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (GPU 3, CPU 1)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed steps per candidate (GPU 10, CPU 7)")
-    parser.add_argument("--stat", choices=["median", "min"], default=None, help="per candidate (GPU median, CPU min)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per candidate (GPU 10, CPU 9)")
+    parser.add_argument("--stat", choices=["median", "min"], default="median", help="per candidate, over the rounds")
+    parser.add_argument("--repeat", type=int, default=None, help="repeats of the timing, for medians and a range "
+                        "(CPU 5, GPU 1: benchmarks/gpu_check.sh has a time budget)")  # fmt: skip
     parser.add_argument("--wait-quiet", type=float, default=0.0, help="first wait up to this many s for load < 0.5")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of sort + grouped_mm")
@@ -258,8 +271,9 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    rounds = args.rounds if args.rounds is not None else (10 if on_gpu else 7)
-    stat = args.stat or ("median" if on_gpu else "min")
+    rounds = args.rounds if args.rounds is not None else (10 if on_gpu else 9)
+    stat = args.stat
+    args.repeat = args.repeat or (1 if on_gpu else 5)
     if args.shape:
         configs = {"custom": tuple(int(v) for v in args.shape.split(","))}
     else:
@@ -313,9 +327,12 @@ def main() -> None:
 
         steps = {cname: fwd_bwd(fn, x, L, grad) for cname, fn in candidates_all.items()}
         load0 = load_average()
-        times = time_interleaved(steps, device, warmup, rounds, stat)
+        repeats = [time_interleaved(steps, device, warmup, rounds, stat) for _ in range(args.repeat)]
+        times = {c: _median([t[c] for t in repeats]) for c in repeats[0]}  # per candidate, over the repeats
+        ratios = [t[HF] / t[OURS_LAYER] for t in repeats
+                  if isinstance(t.get(HF), float) and isinstance(t.get(OURS_LAYER), float)]  # fmt: skip
         hf_impl = getattr(L, "hf_impl", None)
-        row = (shape, times.get(OURS_LAYER), times.get(HF), hf_impl, load0, load_average(), experts_impl(x, L))
+        row = (shape, times.get(OURS_LAYER), times.get(HF), ratios, hf_impl, load0, load_average(), experts_impl(x, L))
         summary.append(row)
         for cname, t in times.items():
             ok = isinstance(t, float)
@@ -348,7 +365,7 @@ def main() -> None:
             for ours in ("moe.layers.MoELayer", PROJECT, "moe.kernels + per-expert matmuls"):
                 if ours in t and "loop over experts" in t:
                     print(f"  {shape}  [{ours}]  loop / ours = {t['loop over experts'] / t[ours]:.2f}x")
-    print_summary(summary, stat, rounds)
+    print_summary(summary, stat, rounds, args.repeat)
     write_json(args.json, "moe_layer", device, vars(args), results)
 
 
