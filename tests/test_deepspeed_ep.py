@@ -10,6 +10,7 @@ tests/test_deepspeed_train.py.)
 """
 
 import os
+import time
 from dataclasses import asdict
 
 import pytest
@@ -169,3 +170,19 @@ def test_strategy_refuses_ep_under_zero3_and_fp16_on_the_cpu():
                         logger=False, enable_checkpointing=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"on the CPU: trainer.precision=16-mixed is not supported"):
         trainer.strategy.setup_environment()
+
+
+def test_a_stale_op_build_lock_is_named_with_how_to_clear_it(tmp_path, monkeypatch):
+    """torch waits forever on a JIT build lock left by a killed build: the strategy warns before DeepSpeed may build."""
+    from moe.parallel.deepspeed import STALE_LOCK_S, stale_extension_locks, warn_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    past = time.time() - STALE_LOCK_S - 60
+    os.utime(old, (past, past))
+    assert stale_extension_locks() == [old]  # a build still running holds a fresh lock: not named
+    with pytest.warns(UserWarning, match=rf"deepspeed_shm_comm.*rm {old}"):
+        warn_stale_extension_locks()

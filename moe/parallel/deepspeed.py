@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from deepspeed import comm as ds_comm
@@ -44,6 +47,7 @@ from deepspeed.utils import set_z3_leaf_modules
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from moe.dispatch.all_to_all import groups_from
@@ -222,6 +226,27 @@ def skip_shm_comm_op() -> None:
         logging.disable(previous)
 
 
+STALE_LOCK_S = 900  # a JIT op build takes about a minute on 2 idle cores: a lock this old is left by a killed one
+
+
+def stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """Lock files in torch's JIT extension cache (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``)
+    older than ``max_age_s``. torch's build waits on such a lock forever, silently: a build killed midway (a
+    Ctrl-C during DeepSpeed's op build) leaves one behind, and every later build of that op hangs."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    return sorted(p for p in root.rglob("lock") if p.is_file() and now - p.stat().st_mtime > max_age_s)
+
+
+def warn_stale_extension_locks() -> None:
+    """Say which op builds would hang, and how to clear them, before DeepSpeed may start one."""
+    for lock in stale_extension_locks():
+        rank_zero_warn(f"{lock}: a lock left by an interrupted build of the '{lock.parent.name}' op; a build of "
+                       f"that op waits on it forever. If no build is running, remove it: rm {lock}")  # fmt: skip
+
+
 def use_cpu_accelerator() -> None:
     """Make DeepSpeed run on the CPU (what ``DS_ACCELERATOR=cpu`` does at import) when it picked a GPU, without the
     ``deepspeed_shm_comm`` build (``skip_shm_comm_op``)."""
@@ -267,6 +292,7 @@ class ExpertParallelDeepSpeedStrategy(DeepSpeedStrategy):
         return isinstance(self.accelerator, CPUAccelerator)
 
     def setup_environment(self) -> None:
+        warn_stale_extension_locks()
         if not self.on_cpu:
             return super().setup_environment()  # Lightning's: CUDA only
         if str(self.precision_plugin.precision) == "16-mixed":
