@@ -131,7 +131,13 @@ def run(config: MergeConfig, adapter=None):
 
 @hydra.main(config_path="../conf", config_name="merge", **hydra_main_args())
 def main(cfg: DictConfig) -> float | None:
+    from moe.config import unknown_keys
+
     config: MergeConfig = OmegaConf.to_object(cfg)
+    unknown = list(unknown_keys(config))  # a +key the schema does not declare would be ignored
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}; a key added with + must be one the schema "
+                         "(merging.config.MergeConfig) declares")  # fmt: skip
     adapter = make_adapter(config) if config.eval or config.search or config.method.name in DATA_AWARE else None
     path = run(config, adapter)
     print(f"merged ({config.method.name}) -> {path}")

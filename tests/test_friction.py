@@ -226,3 +226,11 @@ def test_merge_table_means_say_over_which_tasks():
     tuned = text.split("mean, 2 fine-tuned tasks")[1].splitlines()[0].split()
     assert tuned[:4] == ["│", "0.750", "│", "0.300"] and "0.750" in tuned[-2:]  # merged, base ... normalized
     assert "normalized" in text and "…" not in text
+
+
+def test_merge_refuses_a_plus_added_unknown_key_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    proc = cli("-m", "merging", "base=/nonexistent/base", "models=[/nonexistent/a,/nonexistent/b]", f"out={out}",
+               "+assemble.enabld=true", cwd=tmp_path, ok=False)  # fmt: skip
+    assert proc.returncode == 1 and "unknown config key(s): assemble.enabld" in proc.stderr
+    assert not out.exists()
