@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -64,8 +65,8 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the PNGs and ``report.md``; returns the report's path."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "report"
+    rows = read_stats(run_dir)  # read (and refused) before anything is created
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_stats(run_dir)
     layers: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         if "layer" in r:
@@ -131,7 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="a training run's directory (holds routing/stats.jsonl)")
     parser.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
-    print(render(args.run_dir, args.out))
+    try:
+        print(render(args.run_dir, args.out))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing or malformed run: one line, status 1
+        what = f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)
+        print(f"Error: {what}\nHint: python -m moe.report RUN_DIR, where RUN_DIR holds routing/stats.jsonl from "
+              "python train.py", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
 
 
 if __name__ == "__main__":

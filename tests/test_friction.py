@@ -234,3 +234,13 @@ def test_merge_refuses_a_plus_added_unknown_key_before_any_work(tmp_path):
                "+assemble.enabld=true", cwd=tmp_path, ok=False)  # fmt: skip
     assert proc.returncode == 1 and "unknown config key(s): assemble.enabld" in proc.stderr
     assert not out.exists()
+
+
+def test_report_of_a_missing_run_is_one_line_and_creates_nothing(tmp_path, capsys):
+    from moe.report import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "no_run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("Error: ") and "routing/stats.jsonl" in err
+    assert "Traceback" not in err and not (tmp_path / "no_run").exists()
