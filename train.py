@@ -8,12 +8,14 @@ python train.py <the run's overrides> ckpt_path=last hydra.run.dir=outputs/<run>
 python train.py -m experiment=pipeline merge.method=ties,dare   # base -> fine-tunes -> merge -> comparison
 """
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides
+from moe.checks import run_dir_holding_a_run
 from moe.config import TrainConfig, register_configs
 from moe.training import adopt_launcher_env, configure_threads, run
 
@@ -36,4 +38,7 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     refuse_unknown_overrides(TrainConfig, Path(__file__).parent / "conf", "python train.py --help lists every option")
+    if (refusal := run_dir_holding_a_run(sys.argv[1:])) is not None:
+        sys.exit(f"Error: {refusal}\nHint: python train.py <the run's overrides> ckpt_path=last hydra.run.dir=<its "
+                 "directory> resumes an interrupted run")  # fmt: skip
     main()

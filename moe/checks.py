@@ -3,6 +3,7 @@ and ``init_from``'s architecture; each refusal names the key (or file) and what 
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -141,3 +142,21 @@ def check_init_architecture(mine: ModelConfig, theirs: ModelConfig, source: str,
         changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in differ.items())
         print(f"init_from={source}: the checkpoint's architecture replaces the configured one ({changes})",
               file=sys.stderr)  # fmt: skip
+
+
+def run_dir_holding_a_run(argv: list[str]) -> str | None:
+    """A refusal message when this command line starts a new run (no ``ckpt_path``) in a ``hydra.run.dir`` that
+    holds a run (its ``results.json`` or checkpoints): Hydra would replace its config and the run its checkpoints,
+    export and results. Checked before Hydra writes anything; None when the command may go on. (Lightning's
+    launcher starts the other ranks with the same command line: only the first process checks.)"""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+        return None
+    args = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    if args.get("ckpt_path") not in (None, "", "null") or "hydra.run.dir" not in args:
+        return None
+    run_dir = Path(args["hydra.run.dir"].strip("'\""))
+    checkpoints = run_dir / "checkpoints"
+    if (run_dir / "results.json").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return (f"hydra.run.dir={run_dir} holds a run (results.json or checkpoints/); a new run there would replace "
+                "them. Continue it with ckpt_path=last, or train into a new directory")  # fmt: skip
+    return None

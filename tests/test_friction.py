@@ -244,3 +244,15 @@ def test_report_of_a_missing_run_is_one_line_and_creates_nothing(tmp_path, capsy
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.startswith("Error: ") and "routing/stats.jsonl" in err
     assert "Traceback" not in err and not (tmp_path / "no_run").exists()
+
+
+def test_a_new_run_into_a_directory_holding_a_run_is_refused_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"their checkpoint")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("their config")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = cli("train.py", "experiment=smoke", f"hydra.run.dir={run}", ok=False)
+    assert proc.returncode == 1 and f"hydra.run.dir={run} holds a run" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing replaced, nothing added
