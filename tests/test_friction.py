@@ -254,5 +254,6 @@ def test_a_new_run_into_a_directory_holding_a_run_is_refused_before_anything_is_
     (run / ".hydra" / "config.yaml").write_text("their config")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = cli("train.py", "experiment=smoke", f"hydra.run.dir={run}", ok=False)
-    assert proc.returncode == 1 and f"hydra.run.dir={run} holds a run" in proc.stderr and "ckpt_path=last" in proc.stderr
+    assert proc.returncode == 1 and f"hydra.run.dir={run} holds a run" in proc.stderr
+    assert "ckpt_path=last" in proc.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing replaced, nothing added
