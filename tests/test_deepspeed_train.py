@@ -132,3 +132,48 @@ def test_resuming_a_deepspeed_checkpoint_at_another_layout_is_refused(zero2_run,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "parallel.ep_size=2 there, 1 here" in out + err
+
+
+def test_converter_stays_inside_the_checkpoint_and_never_replaces_an_export(zero2_run, tmp_path):
+    """Hostile or clumsy inputs to ``python -m moe.parallel.ds_checkpoint``: one ``Error:`` line each, nothing
+    written, nothing read from outside the checkpoint directory, no wait on a FIFO."""
+    import shutil
+
+    from moe.parallel.ds_checkpoint import main
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in argv])
+        assert str(exit_.value.code).startswith("Error: "), exit_.value.code
+        return str(exit_.value.code)
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(zero2_run / "checkpoints" / "final.ckpt", ckpt)
+    outside = tmp_path / "other" / "checkpoint"
+    shutil.copytree(ckpt / "checkpoint", outside)
+    (ckpt / "latest").write_text("../other/checkpoint")
+    assert "names the tag '../other/checkpoint'" in refused(ckpt, tmp_path / "out")
+    (ckpt / "latest").unlink()
+    (ckpt / "latest").symlink_to(tmp_path / "secret")
+    (tmp_path / "secret").write_text("checkpoint")
+    assert "leads outside the checkpoint directory" in refused(ckpt, tmp_path / "out")
+    (ckpt / "latest").unlink()
+    (ckpt / "latest").write_text("checkpoint")
+    expert = next((ckpt / "checkpoint").glob("layer_*_expert_*_model_states.pt"))
+    expert.unlink()
+    os.mkfifo(expert)
+    start = time.monotonic()
+    assert "is not a regular file" in refused(ckpt, tmp_path / "out")
+    assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
+    expert.unlink()
+    shutil.copy(zero2_run / "checkpoints" / "final.ckpt" / "checkpoint" / expert.name, expert)
+
+    export = tmp_path / "export"
+    shutil.copytree(zero2_run / "export", export)
+    before = (export / "model.safetensors").read_bytes()
+    assert "pass --overwrite" in refused(ckpt, export)
+    assert "inside the checkpoint" in refused(ckpt, ckpt / "checkpoint" / "out")
+    assert "out_dir: empty" in refused(ckpt, " ")
+    assert (export / "model.safetensors").read_bytes() == before
+    main([str(ckpt), str(export), "--overwrite"])  # said so: replaced by the same weights
+    assert (export / "model.safetensors").read_bytes() != b"" and not (ckpt / "checkpoint" / "out").exists()
