@@ -3,6 +3,7 @@ and ``init_from``'s architecture; each refusal names the key (or file) and what 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -38,7 +39,7 @@ def check_train_config(cfg: TrainConfig) -> None:
             f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from}: give one. ckpt_path resumes a run (weights, "
             "optimizer, LR schedule, step, data position); init_from starts a new run from weights only"
         )
-    t, o, m, r = cfg.trainer, cfg.optim, cfg.model, cfg.router
+    t, o, m, r, d = cfg.trainer, cfg.optim, cfg.model, cfg.router, cfg.data
     for key in ("d_model", "n_layer", "n_head", "num_experts", "d_ff"):
         if getattr(m, key) < 1:
             raise ValueError(f"model.{key}={getattr(m, key)}: expected >= 1")
@@ -58,6 +59,15 @@ def check_train_config(cfg: TrainConfig) -> None:
         (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps}: expected >= 0"),
         (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: expected in [0, 1] (final LR = lr * it)"),
         (o.impl in OPTIM_IMPLS, f"optim.impl={o.impl!r}: expected one of {OPTIM_IMPLS}"),
+        # values that would fail only later: mid-run, or after training when the final evaluation starts
+        (0 <= m.dropout < 1, f"model.dropout={m.dropout}: expected in [0, 1)"),
+        (t.gradient_clip_val is None or math.isfinite(t.gradient_clip_val) and t.gradient_clip_val >= 0,
+         f"trainer.gradient_clip_val={t.gradient_clip_val}: expected a finite value >= 0 (0 or null: no clipping)"),
+        (d.kind != "multitask" or d.train_per_task >= 1, f"data.train_per_task={d.train_per_task}: expected >= 1"),
+        (d.kind != "multitask" or d.val_per_task >= 1,
+         f"data.val_per_task={d.val_per_task}: expected >= 1 (the final evaluation needs examples)"),
+        (d.batch_size >= 1 and d.pycode.batch_size >= 1,
+         f"data.batch_size={d.batch_size}, data.pycode.batch_size={d.pycode.batch_size}: expected >= 1"),
     ):
         if not ok:
             raise ValueError(message)

@@ -95,6 +95,11 @@ def test_no_avoidable_warnings(smoke):
     ("trainer.max_steps=0", r"trainer.max_steps=0: expected >= 1"),
     ("trainer.max_steps=-1", r"trainer.max_steps=-1: expected >= 1"),
     ("optim.lr=nan", r"optim.lr=nan: expected > 0"),
+    ("model.dropout=2", r"model.dropout=2.0: expected in \[0, 1\)"),
+    ("trainer.gradient_clip_val=nan", r"trainer.gradient_clip_val=nan: expected a finite value >= 0"),
+    ("data.val_per_task=0", r"data.val_per_task=0: expected >= 1 \(the final evaluation"),
+    ("data.train_per_task=0", r"data.train_per_task=0: expected >= 1"),
+    ("data.batch_size=0", r"data.batch_size=0, data.pycode.batch_size=32: expected >= 1"),
 ])  # fmt: skip
 def test_unsafe_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
