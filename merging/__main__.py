@@ -47,10 +47,12 @@ def evaluate_merge(cfg: MergeConfig, adapter=None) -> dict[str, dict[str, float]
 def merge_data_aware(config: MergeConfig, adapter) -> Path:
     """``method=divmerge`` (base, one task spec per model) or ``method=pleas`` (exactly two models), on the
     adapter's unlabeled training inputs; the adapter writes the merged model to ``out``."""
+    from merging.io import Checkpoint
+    from merging.outputs import check_output, output_lock, write_staged
+
     name, params, models = config.method.name, config.method.params(), list(config.models)
-    out = Path(config.out)
-    if any(out.glob("*.safetensors")) and not config.overwrite:
-        raise FileExistsError(f"out={out}: merged weights exist; pass overwrite=true to replace them")
+    inputs = [p for x in [config.base, *models] if x for p in Checkpoint(x).input_paths()]
+    out = check_output(config.out, inputs, config.overwrite)
     if name == "pleas":
         from merging.pleas import pleas
 
@@ -68,7 +70,13 @@ def merge_data_aware(config: MergeConfig, adapter) -> Path:
         prompts = [adapter.unlabeled(config.data, task=t, prompts=True) for t in config.tasks]
         lengths = [adapter.answer_length(config.data, t) for t in config.tasks]
         model = divmerge(config.base, models, prompts, adapter, max_new_tokens=lengths, **params).model
-    return adapter.save(model, out)
+    created = not out.exists()
+    try:
+        with output_lock(out):
+            return write_staged(out, lambda stage: adapter.save(model, stage))
+    finally:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def run(config: MergeConfig, adapter=None):

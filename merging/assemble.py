@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ import torch
 from merging.engine import Engine
 from merging.io import Checkpoint, ShardedWriter, parse_size
 from merging.merge import MergeProgress
+from merging.outputs import check_output, output_lock
 from merging.plan import DTYPES, EXPERT_PATTERN, ROUTER_PATTERN, Loader, plan
 from merging.protocols import TaskAdapter
 from merging.registry import METHODS
@@ -93,14 +95,16 @@ def assemble(
                          "(e.g. moe.merge_adapter.MoEAdapter())")  # fmt: skip
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"assemble.k={k!r}: expected an int >= 1 (experts per token)")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"assemble.scale={scale!r}: expected a finite value > 0")
     m = METHODS[method]
     p = m.resolve(params, len(models))
     base_ck = Checkpoint(base)
     model_cks = [Checkpoint(x, base=base_ck) for x in models]
     cfg = _config(base_ck)
-    out = Path(out).resolve()
-    if (out / "model.safetensors").exists() and not overwrite:
-        raise FileExistsError(f"out={out}: merged weights exist; pass overwrite=true to replace them")
+    out = check_output(out, [p_ for ck in (base_ck, *model_cks) for p_ in ck.input_paths()], overwrite)
     moe_pat = re.compile(f"({EXPERT_PATTERN})|({ROUTER_PATTERN})")
     entries = plan(_without(base_ck, moe_pat), [_without(c, moe_pat) for c in model_cks], out_dtype, (), "method",
                    "crop", False, "merge", {})  # fmt: skip
@@ -135,34 +139,41 @@ def assemble(
     cfg.setdefault("router", {})["k"] = min(k, total)
     meta = {"merge_method": f"assemble+{method}", "merge_params": json.dumps(p), "merge_inputs": json.dumps(
         [str(base), *map(str, models)])}  # fmt: skip
-    writer = ShardedWriter(out, order, parse_size(shard_size), meta)
+    created = not out.exists()
     try:
-        loader = Loader(base_ck, model_cks, allow_nonfinite)
-        engine = Engine(m, p, loader, entries, 1 << 22)
-        report: dict = {}
-        with MergeProgress(progress, len(order), f"assemble ({method})") as (advance, describe):
-            engine.gather_global(describe)
-            for name, shape, dtype in order:
-                if name in by_name:
-                    for u in by_name[name].units:
-                        engine.merge_unit(by_name[name], u, lambda data, n=name: writer.write(n, data), report,
-                                          lambda index, values, n=name: writer.patch(n, index, values))  # fmt: skip
-                elif name in copied:
-                    writer.write(name, base_ck.read(name).to(dtype))
-                elif re.search(ROUTER_PATTERN, name):
-                    writer.write(name, _router(name, model_cks, counts, shape, stats, scale).to(dtype))
-                else:
-                    for i, c in enumerate(model_cks):
-                        t = c.read(name)
-                        if t.is_floating_point():
-                            loader.check_finite(t, c, name, f"model {i}")
-                        writer.write(name, t.to(dtype))
-                advance()
-        writer.add_file("config.json", text=json.dumps(cfg, indent=2))
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+        with output_lock(out):
+            writer = ShardedWriter(out, order, parse_size(shard_size), meta)
+            try:
+                loader = Loader(base_ck, model_cks, allow_nonfinite)
+                engine = Engine(m, p, loader, entries, 1 << 22)
+                report: dict = {}
+                with MergeProgress(progress, len(order), f"assemble ({method})") as (advance, describe):
+                    engine.gather_global(describe)
+                    for name, shape, dtype in order:
+                        if name in by_name:
+                            for u in by_name[name].units:
+                                engine.merge_unit(
+                                    by_name[name], u, lambda data, n=name: writer.write(n, data), report,
+                                    lambda index, values, n=name: writer.patch(n, index, values))  # fmt: skip
+                        elif name in copied:
+                            writer.write(name, base_ck.read(name).to(dtype))
+                        elif re.search(ROUTER_PATTERN, name):
+                            writer.write(name, _router(name, model_cks, counts, shape, stats, scale).to(dtype))
+                        else:
+                            for i, c in enumerate(model_cks):
+                                t = c.read(name)
+                                if t.is_floating_point():
+                                    loader.check_finite(t, c, name, f"model {i}")
+                                writer.write(name, t.to(dtype))
+                        advance()
+                writer.add_file("config.json", text=json.dumps(cfg, indent=2))
+                return writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+    finally:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _router(name, models, counts, shape, stats, scale) -> torch.Tensor:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from merging.outputs import replace_previous, write_manifest
 from merging.registry import row_view_shape as row_shape
 
 WEIGHTS_NAME = "model.safetensors"
@@ -362,7 +363,8 @@ class ShardedWriter:
     Every shard's header, and so every tensor's byte range, is fixed up front: ``write(name, chunk)`` appends the
     next bytes of one tensor at its own position, so different tensors may be written in any order and from
     several threads (each tensor's chunks in order, from one thread). ``commit`` checks that every byte arrived and
-    moves the staged files into ``out`` (removing weight files of an earlier output there); ``abort`` (or any
+    moves the staged files into ``out`` (replacing the earlier output there as a whole: ``merging.outputs``, whose
+    manifest it writes); ``abort`` (or any
     failure) removes the staging directory, so an interrupted merge never leaves a partial output.
     """
 
@@ -464,12 +466,11 @@ class ShardedWriter:
             (self.stage / INDEX_NAME).write_text(json.dumps(index, indent=2))
         (self.stage / OWNER).unlink()
         new = {p.name for p in self.stage.iterdir()}
-        for old in [*self.out.glob("model-*-of-*.safetensors"), self.out / WEIGHTS_NAME, self.out / INDEX_NAME]:
-            if old.exists() and old.name not in new:
-                old.unlink()
+        replace_previous(self.out, new)  # the previous output's files (its manifest's) that this one does not write
         for p in sorted(self.stage.iterdir(), key=lambda p: p.name == INDEX_NAME):  # the index last
             os.replace(p, self.out / p.name)
         self.stage.rmdir()
+        write_manifest(self.out, new)
         return self.out / (WEIGHTS_NAME if len(self.names) == 1 else INDEX_NAME)
 
     def abort(self) -> None:

@@ -26,6 +26,7 @@ import torch
 from merging.engine import Engine, finish_report, merge_entries
 from merging.heap import heap_policy
 from merging.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, parse_size
+from merging.outputs import check_output, output_lock
 from merging.plan import CHUNK_ELEMS, DTYPES, HOLD_BYTES, REPORT_NAME, TIED, Loader, plan
 from merging.registry import METHODS
 
@@ -101,14 +102,7 @@ def merge(
     p = m.resolve(params, len(models))
     base_ck = Checkpoint(base)
     model_cks = [Checkpoint(x, base=base_ck) for x in models]  # a LoRA adapter directory reads against the base
-    out = Path(out).resolve()
-    inputs = set(base_ck.input_paths())
-    for ck in model_cks:
-        inputs |= set(ck.input_paths())
-    if out in inputs or any(out == p_.parent for p_ in inputs):
-        raise ValueError(f"out={out}: refuses to overwrite an input checkpoint")
-    if ((out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()) and not overwrite:
-        raise FileExistsError(f"out={out}: merged weights exist; pass overwrite=true to replace them")
+    out = check_output(out, [p_ for ck in (base_ck, *model_cks) for p_ in ck.input_paths()], overwrite)
     entries = plan(
         base_ck, model_cks, out_dtype, exclude, vectors, vocab, experts, router_source, {**TIED, **(tied or {})}
     )
@@ -119,9 +113,9 @@ def merge(
         "merge_inputs": json.dumps([str(base), *(str(x) for x in models)]),
     }
     created = not out.exists()
-    writer = ShardedWriter(out, [(e.name, e.shape, e.out_dtype) for e in entries], shard_bytes, meta)
     try:
-        with _sigterm_as_exit():
+        with output_lock(out), _sigterm_as_exit():
+            writer = ShardedWriter(out, [(e.name, e.shape, e.out_dtype) for e in entries], shard_bytes, meta)
             engine = Engine(m, p, Loader(base_ck, model_cks, allow_nonfinite), entries, chunk_elems, report, hold_bytes)
             with heap_policy(), MergeProgress(progress, len(entries), method) as (advance, describe):
                 engine.gather_global(describe)
@@ -137,7 +131,8 @@ def merge(
                 writer.add_file(REPORT_NAME, text=json.dumps(json_safe(doc), indent=1, allow_nan=False))
             return writer.commit()
     except BaseException:
-        writer.abort()
+        if "writer" in locals():
+            writer.abort()
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
         raise

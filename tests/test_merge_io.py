@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from merging import METHODS, merge, merge_tensors
 from merging.io import Checkpoint, ShardedWriter
+from merging.outputs import MANIFEST
 
 PARAMS = {
     "linear": {},
@@ -240,7 +241,7 @@ def test_an_interrupted_merge_leaves_no_partial_output(ckpts, tmp_path, monkeypa
         with pytest.raises(KeyboardInterrupt):
             merge(bdir, fdirs, target, progress=False, method="ties", overwrite=True)
     assert not (tmp_path / "fresh").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merge_report.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "config.json", "merge_report.json", "model.safetensors"]
     kept = load_file(out / "model.safetensors")
     assert all(torch.equal(kept[n], first[n]) for n in first)  # the earlier output is untouched
 

@@ -109,9 +109,9 @@ def test_streaming_merge_equals_in_memory(checkpoints, tmp_path):
 def test_merge_refuses_to_overwrite_inputs_and_leaves_nothing_on_failure(checkpoints, tmp_path):
     base, fts = checkpoints
     before = (fts[0] / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="overwrite an input"):
+    with pytest.raises(ValueError, match="is the input"):
         merge(base, fts, fts[0], progress=False)
-    with pytest.raises(ValueError, match="overwrite an input"):
+    with pytest.raises(ValueError, match="is the input"):
         merge(base, fts, base, progress=False)
     assert (fts[0] / "model.safetensors").read_bytes() == before
     out = tmp_path / "out"

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from merging import merge
 from merging.io import Checkpoint, SafetensorsFile
+from merging.outputs import MANIFEST
 
 
 def write(path, header: dict, data: bytes) -> None:
@@ -173,4 +174,5 @@ def test_a_merge_killed_with_sigkill_leaves_a_stage_the_next_run_removes(tmp_pat
     foreign.mkdir()
     merge(tmp_path / "base.safetensors", [tmp_path / f"ft{j}.safetensors" for j in range(3)], out, method="ties",
           progress=False, overwrite=True)  # fmt: skip
-    assert sorted(p.name for p in out.iterdir()) == [".merge-notours.tmp", "merge_report.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".merge-notours.tmp", MANIFEST, "merge_report.json",
+                                                     "model.safetensors"]  # fmt: skip

@@ -1,0 +1,131 @@
+"""Where a command may write: one output policy for the merge, assembly, DivMerge / PLeaS and their reports.
+
+Rules (each refusal names the path and what was expected):
+
+- ``out`` is not empty text, and not a file;
+- ``out`` is never an input, nor an ancestor or a descendant of one (resolved real paths of every input file:
+  shards, index files and adapters included);
+- ``out`` is new or empty; with ``overwrite=true`` it may also hold a previous output of this library, which a
+  manifest (``MANIFEST``, listing the files written) proves: a file it does not list is never deleted or replaced,
+  so such a directory is refused, naming the file;
+- an overwrite replaces the previous output as a whole: files of the old manifest that the new output does not
+  write (an old report, shards of another count, a config.json) are removed (``replace_previous``);
+- ``output_lock``: a second job writing the same directory fails at once, naming the first job's pid.
+
+A merge's own staging directories (``.merge-*.tmp``, ``merging.io``) and the lock file belong to the policy and
+never count as foreign files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = ".moe-merge-output.json"  # {"files": [names]} of the last output written into the directory
+LOCK = ".moe-merge.lock"
+_STAGE = (".merge-", ".tmp")  # merging.io's staging directories: STAGE_PREFIX, STAGE_SUFFIX
+
+
+def _own(name: str) -> bool:
+    return name in (MANIFEST, LOCK, f"{MANIFEST}.tmp") or (name.startswith(_STAGE[0]) and name.endswith(_STAGE[1]))
+
+
+def manifest_files(out: Path) -> set[str] | None:
+    """The file names the manifest in ``out`` lists (None: no readable manifest)."""
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {str(f) for f in files} if isinstance(files, list) else None
+
+
+def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], overwrite: bool,
+                 key: str = "out") -> Path:  # fmt: skip
+    """The resolved output directory, or an error naming ``key`` when the rules above refuse it."""
+    if not str(out).strip():
+        raise ValueError(f"{key}: empty; name the directory to write into")
+    path = Path(out).resolve()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{key}={out}: a file, not a directory")
+    for p in inputs:
+        real = Path(p).resolve()
+        if real == path or path in real.parents or real in path.parents:
+            relation = "is" if real == path else "holds" if path in real.parents else "lies inside"
+            raise ValueError(f"{key}={out}: {relation} the input {real}; write the output to a directory apart")
+    if not path.exists():
+        return path
+    present = sorted(p.name for p in path.iterdir() if not _own(p.name))
+    if not present:
+        return path
+    if not overwrite:
+        listing = ", ".join(present[:5]) + ", ..." * (len(present) > 5)
+        raise FileExistsError(f"{key}={out}: not empty ({listing}); pass overwrite=true to replace an earlier "
+                              "output, or choose a new directory")  # fmt: skip
+    listed = manifest_files(path)
+    foreign = [n for n in present if listed is None or n not in listed]
+    if foreign:
+        raise FileExistsError(f"{key}={out}: holds {foreign[0]}, which no earlier output of this library wrote "
+                              f"({len(foreign)} such files); overwrite=true replaces only its own outputs")  # fmt: skip
+    return path
+
+
+def replace_previous(out: Path, new_files: Iterable[str]) -> None:
+    """Before the new files move in: remove the previous output's files (its manifest's) that the new output does
+    not write, so nothing stale stays beside the new weights."""
+    keep = set(new_files)
+    for name in manifest_files(out) or ():
+        p = out / name
+        if name not in keep and Path(name).name == name and (p.is_file() or p.is_symlink()):
+            p.unlink()
+
+
+def write_manifest(out: Path, files: Iterable[str]) -> None:
+    tmp = out / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": sorted(set(files))}, indent=1))
+    os.replace(tmp, out / MANIFEST)
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``out`` (created if needed) for the block; a second job is refused at
+    once with the holder's pid. The lock goes with the process: a killed job leaves no lock that binds."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FileExistsError(f"out={out}: another job (pid {holder}) is writing here; wait for it or choose "
+                                  "another directory") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            (out / LOCK).unlink(missing_ok=True)  # still held: a job that opened it now fails its flock at once
+    finally:
+        os.close(fd)
+
+
+def write_staged(out: Path, write: Callable[[Path], Path]) -> Path:
+    """Run ``write(stage)`` (it writes an output into the empty directory ``stage`` and returns one of its files),
+    then replace ``out``'s previous output with what it wrote, as a whole, and record the manifest; returns the
+    returned file's path in ``out``. A failure leaves ``out`` as it was. Call under ``output_lock``."""
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=_STAGE[0], suffix=_STAGE[1]))
+    try:
+        result = Path(write(stage)).resolve().relative_to(stage.resolve())
+        names = [p.name for p in stage.iterdir()]
+        replace_previous(out, names)
+        for name in names:
+            os.replace(stage / name, out / name)
+        write_manifest(out, names)
+        return out / result
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
