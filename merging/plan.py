@@ -128,6 +128,13 @@ def unit_chunks(unit: Unit, cols: int, chunked: bool, chunk_elems: int) -> Itera
         yield r, min(unit.r1, r + step)
 
 
+def dtype_class(dtype: torch.dtype) -> str:
+    """"complex", "floating", "bool" or "integer": tensors of different classes are never merged together."""
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "bool" if dtype == torch.bool else "integer"
+
+
 def plan(
     base: Checkpoint,
     models: list[Checkpoint],
@@ -163,6 +170,10 @@ def plan(
             ms = m.shape(src)
             if ms != shape and not (vocab_like and len(ms) == 2 and ms[1] == shape[1]):
                 mismatches.append(f"{m.file_of(src)}: tensor {name!r} has shape {ms}, base has {shape}")
+            if dtype_class(m.dtype(src)) != dtype_class(dtype):  # an int or complex tensor is no weight to merge
+                mismatches.append(f"{m.file_of(src)}: tensor {name!r} is {m.dtype(src)}, base has {dtype} (a "
+                                  f"{dtype_class(m.dtype(src))} vs a {dtype_class(dtype)} tensor; exclude it to "
+                                  "copy the base's)")  # fmt: skip
             e.sources.append(src)
             e.rows.append(min(row_shape(ms)[0], row_shape(shape)[0]))
         if mismatches:

@@ -113,3 +113,13 @@ def test_check_output_accepts_a_new_or_empty_directory(tmp_path):
     assert check_output(tmp_path / "new", [tmp_path / "in" / "x.safetensors"], overwrite=False) == tmp_path / "new"
     (tmp_path / "empty").mkdir()
     assert check_output(tmp_path / "empty", [], overwrite=False) == tmp_path / "empty"
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])  # (complex and uint16 files: refused on reading)
+def test_a_tensor_of_another_dtype_class_than_the_base_is_refused_unless_excluded(models, tmp_path, dtype):
+    base, *fts = models
+    save_file({"a.weight": torch.ones(8, 4).to(dtype), "b.weight": torch.ones(4, 4)}, fts[0] / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor 'a.weight' is {dtype}, base has torch.float32 \(a "):
+        run(base, fts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    run(base, fts, tmp_path / "out", exclude=[r"^a\."])  # copied from the base: allowed
