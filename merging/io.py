@@ -318,7 +318,7 @@ def parse_size(size: int | str, key: str = "shard_size") -> int:
     number = s[: -len(next(u for u in units if s.endswith(u)))] if mult != 1 or s.endswith("B") else s
     try:
         value = int(float(number) * mult) if not isinstance(size, int) else size
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "inf", "nan"
         value = None
     if value is None or isinstance(size, bool) or not 0 < value < math.inf:
         raise ValueError(f"{key}={size!r}: expected a size > 0 like 5GB, 500MB, 2GiB or a byte count")

@@ -166,6 +166,7 @@ MERGE_CASES = [
     ("good", ["shard_size=abc"], r"shard_size='?abc'?"),
     ("good", ["shard_size=0"], r"shard_size='?0'?"),
     ("good", ["shard_size=-5GB"], r"shard_size='?-5GB'?"),
+    ("good", ["shard_size=inf"], r"shard_size='?inf'?"),
     ("good", ["workers=-2"], r"workers=-2: expected an int >= 1"),
     ("good", ["out_dtype=float8"], r"out_dtype='float8'"),
     ("good", ["vectors=avg"], r"vectors='avg'"),
