@@ -452,6 +452,7 @@ class ShardedWriter:
         """Stage an extra file (config, tokenizer, report) to be committed with the weights."""
         if src is not None:
             shutil.copyfile(src, self.stage / name)
+            shutil.copymode(src, self.stage / name)  # a private file stays private
         else:
             (self.stage / name).write_text(text)
 

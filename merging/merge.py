@@ -169,10 +169,16 @@ def _sigterm_as_exit():
 
 def _stage_side_files(writer: ShardedWriter, base: Checkpoint) -> None:
     """config.json and tokenizer files from the base's folder; for a Lightning base, an export-style config."""
+    folder = base.folder.resolve()
     for name in COPY_FROM_BASE:
         src = base.folder / name
-        if src.is_file() and (base.path.is_dir() or base.path.suffix == ".safetensors"):
-            writer.add_file(name, src=src)
+        if not (src.exists() or src.is_symlink()) or not (base.path.is_dir() or base.path.suffix == ".safetensors"):
+            continue
+        real = src.resolve()
+        if folder not in real.parents or not real.is_file():  # a symlink out of the base's folder, a FIFO, ...
+            raise ValueError(f"{src}: a side file of the base must be a regular file inside {base.folder} (it "
+                             f"leads to {real}); remove it or replace it with the file itself")  # fmt: skip
+        writer.add_file(name, src=src)
     if base.hparams.get("model") and not (writer.stage / "config.json").exists():
         cfg = {"model": base.hparams["model"], "router": base.hparams.get("router", {})}
         writer.add_file("config.json", text=json.dumps(cfg, indent=2))

@@ -123,3 +123,19 @@ def test_a_tensor_of_another_dtype_class_than_the_base_is_refused_unless_exclude
         run(base, fts, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     run(base, fts, tmp_path / "out", exclude=[r"^a\."])  # copied from the base: allowed
+
+
+def test_side_files_must_lie_inside_the_base_and_keep_their_mode(models, tmp_path):
+    base, *fts = models
+    secret = tmp_path / "secret.json"
+    secret.write_text("password")
+    secret.chmod(0o600)
+    (base / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"tokenizer.json: a side file of the base must be a regular file inside"):
+        run(base, fts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (base / "tokenizer.json").unlink()
+    (base / "tokenizer.json").write_text("{}")
+    (base / "tokenizer.json").chmod(0o600)
+    run(base, fts, tmp_path / "out")
+    assert ((tmp_path / "out" / "tokenizer.json").stat().st_mode & 0o777) == 0o600
