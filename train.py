@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides
+from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides, run_cli
 from moe.checks import run_dir_holding_a_run
 from moe.config import TrainConfig, register_configs
 from moe.training import adopt_launcher_env, configure_threads, run
@@ -41,4 +41,4 @@ if __name__ == "__main__":
     if (refusal := run_dir_holding_a_run(sys.argv[1:])) is not None:
         sys.exit(f"Error: {refusal}\nHint: python train.py <the run's overrides> ckpt_path=last hydra.run.dir=<its "
                  "directory> resumes an interrupted run")  # fmt: skip
-    main()
+    run_cli(main)

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides
+from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides, run_cli
 from merging.config import DATA_AWARE, MergeConfig, register_configs
 from merging.merge import merge
 
@@ -159,4 +159,4 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     conf = Path(__file__).parents[1] / "conf"
     refuse_unknown_overrides(MergeConfig, conf, "python -m merging --help lists every option")
-    main()
+    run_cli(main)

@@ -94,6 +94,16 @@ def table_console(**kwargs: Any):
     return console if console.is_terminal else Console(width=1000, **kwargs)
 
 
+def run_cli(main) -> None:
+    """Run a Hydra ``main``; Ctrl-C ends it with ``Interrupted`` and status 130 (the shell's convention for SIGINT),
+    without a traceback. What the command was writing is cleaned up by its own handlers on the way out."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("Interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+
+
 def hydra_main_args() -> dict[str, str]:
     """``hydra.main``'s version argument: Hydra 1.3 needs ``version_base`` (without it, it warns and keeps 1.1's
     defaults); Hydra 1.4 deprecates the argument (it warns whenever it is given) and defaults to its own."""

@@ -176,3 +176,30 @@ def test_a_merge_killed_with_sigkill_leaves_a_stage_the_next_run_removes(tmp_pat
           progress=False, overwrite=True)  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == [".merge-notours.tmp", MANIFEST, "merge_report.json",
                                                      "model.safetensors"]  # fmt: skip
+
+
+def test_ctrl_c_ends_the_merge_cli_with_130_no_traceback_and_no_partial_output(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    base = {f"w{i}": torch.randn(512, 1024) for i in range(12)}
+    save_file(base, tmp_path / "base.safetensors")
+    for j in range(3):
+        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}, tmp_path / f"ft{j}.safetensors")
+    out = tmp_path / "out"
+    models = ",".join(str(tmp_path / f"ft{j}.safetensors") for j in range(3))
+    proc = subprocess.Popen([sys.executable, "-m", "merging", f"base={tmp_path / 'base.safetensors'}",
+                             f"models=[{models}]", f"out={out}", "method=ties", "workers=1", "progress=false"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".merge-*.tmp/*.safetensors")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the merge ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert not out.exists() or not any(out.iterdir())  # no stage, no partial output
