@@ -70,6 +70,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
+MAX_DIMS, MAX_DIM = 16, 1 << 40  # far beyond any model's tensor; an adversarial header is refused before use
+
+
 def _entry(path: Path, name: str, e) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
     """(dtype, shape, data offsets) of one header entry, refused unless well-formed (the safetensors rules)."""
     where = f"{path}: tensor {name!r}"
@@ -81,6 +84,9 @@ def _entry(path: Path, name: str, e) -> tuple[torch.dtype, tuple[int, ...], tupl
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):  # fmt: skip
         raise ValueError(f"{where}: shape {shape} is not a list of non-negative integers")
+    if len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape):  # a zero-byte tensor may still claim 10^18 rows
+        raise ValueError(f"{where}: shape {shape} is out of bounds (at most {MAX_DIMS} dimensions of at most "
+                         f"{MAX_DIM} each)")  # fmt: skip
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
                                                                      for o in offsets)):  # fmt: skip
         raise ValueError(f"{where}: data_offsets {offsets} is not two integers")

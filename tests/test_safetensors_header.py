@@ -38,6 +38,9 @@ def two_tensors(a=(0, 16), b=(16, 32), dtype="F32", shape_b=(4,)):
         ({"a": {"dtype": "F32", "shape": [1]}}, bytes(4), r"tensor 'a': expected \{dtype, shape, data_offsets\}"),
         ({"a": [1, 2]}, b"", r"tensor 'a': expected"),
         ({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), "unsupported dtype X9"),
+        # zero bytes, 10^18 rows: valid for the official reader, but whatever iterates over its rows would spin
+        ({"a": {"dtype": "F32", "shape": [10**18, 0], "data_offsets": [0, 0]}}, b"", r"shape .* out of bounds"),
+        ({"a": {"dtype": "F32", "shape": [1] * 17, "data_offsets": [0, 4]}}, bytes(4), r"at most 16 dimensions"),
     ],
 )
 def test_bad_headers_are_refused_naming_file_and_tensor(tmp_path, header, data, match):
