@@ -237,7 +237,10 @@ class Checkpoint:
             if (p / INDEX_NAME).is_file():
                 try:
                     weight_map = json.loads((p / INDEX_NAME).read_text())["weight_map"]
-                except (KeyError, json.JSONDecodeError) as e:
+                    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                                   for k, v in weight_map.items()):  # fmt: skip
+                        raise TypeError("weight_map must map tensor names to shard file names (strings)")
+                except (KeyError, TypeError, json.JSONDecodeError) as e:  # TypeError: a list, a number, ...
                     raise ValueError(f"{p / INDEX_NAME}: not a safetensors index ({e})") from e
                 outside = [f for f in set(map(str, weight_map.values()))
                            if Path(f).is_absolute() or not (p / f).resolve().is_relative_to(p.resolve())]  # fmt: skip
