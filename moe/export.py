@@ -84,17 +84,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     (``moe.parallel.ds_checkpoint``)."""
     from merging.io import Checkpoint as Reader
     from merging.io import StateDictFile
-    from moe.parallel.ds_checkpoint import is_deepspeed_checkpoint, read_deepspeed_checkpoint
+    from moe.parallel.ds_checkpoint import is_deepspeed_checkpoint, model_weights, read_deepspeed_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if is_deepspeed_checkpoint(path):  # Lightning's DeepSpeedStrategy saves a .ckpt as such a directory
         state, extra = read_deepspeed_checkpoint(path)
-        n = len(LIGHTNING_PREFIX)
         hparams = (extra.get("hyper_parameters") or {}).get("model")
         model = _from_dict(ModelConfig, dict(hparams), f"{path}:hyper_parameters.model") if hparams else None
-        return Checkpoint(path, {k[n:]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}, model)
+        return Checkpoint(path, model_weights(state), model)
     if path.is_file() and path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
     try:

@@ -80,7 +80,7 @@ def _deepspeed_on_cpu():
 def _engine_case(rank, world, tmp):
     deepspeed = _deepspeed_on_cpu()
     from moe.config import OptimConfig
-    from moe.export import load_model
+    from moe.export import load_checkpoint, load_model
     from moe.lightning import MoELitModule
     from moe.parallel import gather_state_dict
     from moe.parallel.deepspeed import (
@@ -130,6 +130,8 @@ def _engine_case(rank, world, tmp):
         convert_deepspeed_checkpoint(tmp, out)
         exported = load_model(out).state_dict()
         assert sorted(exported) == sorted(full)
+        direct = load_checkpoint(tmp).state  # the engine's own names (no Lightning prefix) are kept
+        assert sorted(direct) == sorted(full) and all(torch.equal(direct[k], full[k]) for k in full)
         assert all(torch.equal(exported[k], full[k]) for k in full)
     fresh = deepspeed_expert_parallel(MoETransformer(CFG, ROUTER), ep_size=world)
     fresh_opt = torch.optim.AdamW(moe_param_groups(fresh, WD), lr=LR)

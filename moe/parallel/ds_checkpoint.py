@@ -118,6 +118,15 @@ def read_deepspeed_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, tor
     return state, {k: v for k, v in main.items() if k != "module"}
 
 
+def model_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's weights: a LightningModule's (``model.`` names) without the prefix, else the state as saved (an
+    engine made on the model itself)."""
+    n = len(LIGHTNING_PREFIX)
+    if not any(k.startswith(LIGHTNING_PREFIX) for k in state):
+        return state
+    return {k[n:]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+
+
 def convert_deepspeed_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path,
                                  config: tuple[ModelConfig, RouterConfig] | None = None) -> Path:  # fmt: skip
     """Write ``out_dir/model.safetensors`` + ``config.json`` (``moe.export`` format) from a DeepSpeed checkpoint
@@ -133,9 +142,7 @@ def convert_deepspeed_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path
     if config is None:
         raise ValueError(f"{checkpoint_dir}: no hyper_parameters saved; pass config=(ModelConfig, RouterConfig)")
     model = MoETransformer(*config)
-    if not set(model.state_dict()) & set(state):  # a LightningModule's: keep its .model
-        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
-    load_weights_into(model, Checkpoint(Path(checkpoint_dir), state, config[0]))
+    load_weights_into(model, Checkpoint(Path(checkpoint_dir), model_weights(state), config[0]))
     return export_model(model, out_dir)
 
 
