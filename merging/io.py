@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from merging.outputs import replace_previous, write_manifest
+from merging.outputs import STAGE_PREFIX, STAGE_SUFFIX, replace_previous, write_manifest
 from merging.registry import row_view_shape as row_shape
 
 WEIGHTS_NAME = "model.safetensors"
@@ -334,7 +334,7 @@ def parse_size(size: int | str, key: str = "shard_size") -> int:
     return value
 
 
-STAGE_PREFIX, STAGE_SUFFIX, OWNER = ".merge-", ".tmp", "owner.json"
+OWNER = "owner.json"  # in a staging directory (merging.outputs.STAGE_PREFIX ... STAGE_SUFFIX): its process
 
 
 def remove_stale_stages(out: Path) -> list[Path]:

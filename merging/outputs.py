@@ -29,11 +29,12 @@ from pathlib import Path
 
 MANIFEST = ".moe-merge-output.json"  # {"files": [names]} of the last output written into the directory
 LOCK = ".moe-merge.lock"
-_STAGE = (".merge-", ".tmp")  # merging.io's staging directories: STAGE_PREFIX, STAGE_SUFFIX
+STAGE_PREFIX, STAGE_SUFFIX = ".merge-", ".tmp"  # staging directories inside an output (merging.io, write_staged)
 
 
 def _own(name: str) -> bool:
-    return name in (MANIFEST, LOCK, f"{MANIFEST}.tmp") or (name.startswith(_STAGE[0]) and name.endswith(_STAGE[1]))
+    staging = name.startswith(STAGE_PREFIX) and name.endswith(STAGE_SUFFIX)
+    return staging or name in (MANIFEST, LOCK, f"{MANIFEST}.tmp")
 
 
 def manifest_files(out: Path) -> set[str] | None:
@@ -118,7 +119,7 @@ def write_staged(out: Path, write: Callable[[Path], Path]) -> Path:
     """Run ``write(stage)`` (it writes an output into the empty directory ``stage`` and returns one of its files),
     then replace ``out``'s previous output with what it wrote, as a whole, and record the manifest; returns the
     returned file's path in ``out``. A failure leaves ``out`` as it was. Call under ``output_lock``."""
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=_STAGE[0], suffix=_STAGE[1]))
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX, suffix=STAGE_SUFFIX))
     try:
         result = Path(write(stage)).resolve().relative_to(stage.resolve())
         names = [p.name for p in stage.iterdir()]
