@@ -198,3 +198,12 @@ def test_ctrl_c_ends_the_merge_cli_with_130_no_traceback_and_no_partial_output(t
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err[-2000:]
     assert not out.exists() or not any(out.iterdir())  # no stage, no partial output
+
+
+@pytest.mark.parametrize("doc", [{"weight_map": [1, 2]}, {"weight_map": {"a": 5}}, {"weight_map": {"a": ["x"]}},
+                                 {"weight_map": None}, [1], "x", 3])  # fmt: skip
+def test_an_index_of_the_wrong_json_types_is_refused_naming_it(tmp_path, doc):
+    save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not a safetensors index"):
+        Checkpoint(tmp_path)
