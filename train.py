@@ -20,7 +20,7 @@ from moe.config import TrainConfig, register_configs
 from moe.training import adopt_launcher_env, configure_threads, run
 
 register_configs()
-quiet_own_callbacks("moe.training.RemoveRefusedRunDir")
+quiet_own_callbacks("moe.training.RunDirGuard")
 
 
 @hydra.main(config_path="conf", config_name="train", **hydra_main_args())
@@ -39,6 +39,5 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     refuse_unknown_overrides(TrainConfig, Path(__file__).parent / "conf", "python train.py --help lists every option")
     if (refusal := run_dir_holding_a_run(sys.argv[1:])) is not None:
-        sys.exit(f"Error: {refusal}\nHint: python train.py <the run's overrides> ckpt_path=last hydra.run.dir=<its "
-                 "directory> resumes an interrupted run")  # fmt: skip
+        sys.exit(f"Error: {refusal}")
     run_cli(main)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = ".moe-merge-output.json"  # {"files": [names]} of the last output written into the directory
-LOCK = ".moe-merge.lock"
+LOCK = ".moe.lock"  # held by the job writing the directory (merge or training run)
 STAGE_PREFIX, STAGE_SUFFIX = ".merge-", ".tmp"  # staging directories inside an output (merging.io, write_staged)
 
 
@@ -92,27 +92,50 @@ def write_manifest(out: Path, files: Iterable[str]) -> None:
     os.replace(tmp, out / MANIFEST)
 
 
-@contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``out`` (created if needed) for the block; a second job is refused at
-    once with the holder's pid. The lock goes with the process: a killed job leaves no lock that binds."""
+def acquire_lock(out: Path, key: str = "out") -> int:
+    """Take the exclusive ``fcntl`` lock of directory ``out`` (created if needed) and return its descriptor; a
+    second job is refused at once with the holder's pid. The lock goes with the process: a killed job leaves no
+    lock that binds. ``release_lock`` gives it back."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise FileExistsError(f"out={out}: another job (pid {holder}) is writing here; wait for it or choose "
+            os.close(fd)
+            raise FileExistsError(f"{key}={out}: another job (pid {holder}) is writing here; wait for it or choose "
                                   "another directory") from None  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            (out / LOCK).unlink(missing_ok=True)  # still held: a job that opened it now fails its flock at once
+        try:  # the holder before us may have removed the file between our open and our flock: lock the new one
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def release_lock(out: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (a job that opened it meanwhile sees a stale inode and
+    retries), then close it."""
+    try:
+        (out / LOCK).unlink(missing_ok=True)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def output_lock(out: Path, key: str = "out") -> Iterator[None]:
+    """``acquire_lock`` for the block."""
+    fd = acquire_lock(out, key)
+    try:
+        yield
+    finally:
+        release_lock(out, fd)
 
 
 def write_staged(out: Path, write: Callable[[Path], Path]) -> Path:

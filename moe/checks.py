@@ -156,17 +156,33 @@ def check_init_architecture(mine: ModelConfig, theirs: ModelConfig, source: str,
 
 def run_dir_holding_a_run(argv: list[str]) -> str | None:
     """A refusal message when this command line starts a new run (no ``ckpt_path``) in a ``hydra.run.dir`` that
-    holds a run (its ``results.json`` or checkpoints): Hydra would replace its config and the run its checkpoints,
-    export and results. Checked before Hydra writes anything; None when the command may go on. (Lightning's
-    launcher starts the other ranks with the same command line: only the first process checks.)"""
+    holds a run (its ``results.json`` or checkpoints) or files no run wrote: Hydra would replace its config, and the
+    run its checkpoints, export and results, or mix its files with the user's. Hydra's own files (``.hydra/``, a
+    top-level ``.log``) are left from a refused run and may be replaced. Checked before Hydra writes anything; None
+    when the command may go on. (Lightning's launcher starts the other ranks with the same command line: only the
+    first process checks.)"""
+    from merging.outputs import LOCK
+
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
         return None
     args = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
     if args.get("ckpt_path") not in (None, "", "null") or "hydra.run.dir" not in args:
         return None
     run_dir = Path(args["hydra.run.dir"].strip("'\""))
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"hydra.run.dir={run_dir}: a file, not a directory"
     checkpoints = run_dir / "checkpoints"
     if (run_dir / "results.json").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return (f"hydra.run.dir={run_dir} holds a run (results.json or checkpoints/); a new run there would replace "
-                "them. Continue it with ckpt_path=last, or train into a new directory")  # fmt: skip
+                "them. Continue it with ckpt_path=last, or train into a new directory\nHint: python train.py "
+                "<the run's overrides> ckpt_path=last hydra.run.dir=<its directory> resumes an interrupted "
+                "run")  # fmt: skip
+    hydra_subdir = args.get("hydra.output_subdir", ".hydra")
+    entries = run_dir.iterdir() if run_dir.is_dir() else ()
+    foreign = sorted(p.name for p in entries if p.name not in (hydra_subdir, LOCK)
+                     and not (p.suffix == ".log" and p.is_file()) and not (p.is_dir() and not any(p.iterdir())))
+    if foreign:
+        listing = ", ".join(foreign[:5]) + ", ..." * (len(foreign) > 5)
+        return (f"hydra.run.dir={run_dir}: holds files no run of this command wrote ({listing}); a new run there "
+                "would mix its files with them\nHint: train into a new or empty directory")  # fmt: skip
     return None

@@ -28,15 +28,20 @@ def _key(*parts) -> str:
 
 
 def _trained(cfg: TrainConfig, out: Path) -> dict:
-    """``run(cfg)`` into ``out``, or its earlier results when ``out`` holds a finished run (results.json)."""
+    """``run(cfg)`` into the cache entry ``out``, or its earlier results when ``out`` holds a finished run
+    (results.json). The entry is locked while it trains: a second pipeline needing it at the same time is refused,
+    naming the first one's pid, instead of training into the same directory."""
+    from merging.outputs import LOCK, output_lock
     from moe.training import run
 
-    results = out / "results.json"
-    if results.is_file():
-        return json.loads(results.read_text())
-    if out.exists():  # an interrupted earlier attempt: start it over
-        shutil.rmtree(out)
-    return run(replace(cfg, output_dir=str(out)))
+    with output_lock(out, key="merge.cache_dir entry"):
+        results = out / "results.json"
+        if results.is_file():
+            return json.loads(results.read_text())
+        for p in out.iterdir():  # an interrupted earlier attempt: start it over
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return run(replace(cfg, output_dir=str(out)))
 
 
 def run_pipeline(cfg: TrainConfig) -> dict:

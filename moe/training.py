@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -222,6 +223,7 @@ def run(cfg: TrainConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg.data)
+    dm.setup("fit")  # bad data settings fail here, before the logger and checkpoints write into the run directory
     model_cfg = init.model if init and init.model else cfg.model
     model_cfg = replace(
         model_cfg,
@@ -316,20 +318,48 @@ def configure_threads() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
 
-class RemoveRefusedRunDir(CleanErrors):
-    """Hydra callback (conf/train.yaml): a failed run leaves no directory behind when Hydra created it for this run
-    and it holds nothing but Hydra's own files (``.hydra/``, the job's ``.log``): a refused configuration, or a
-    failure before training wrote anything. A directory that existed before the run is never removed. Then, as
-    ``merging.cli.CleanErrors``, a bad-input error is printed as one line and a hint."""
+def first_process() -> bool:
+    """Not one of the ranks Lightning's or DeepSpeed's launcher starts with the same command line."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
+
+
+class RunDirGuard(CleanErrors):
+    """Hydra callback (conf/train.yaml) guarding a single run's directory:
+
+    - the first process holds the directory's lock (``merging.outputs.acquire_lock``) from before Hydra writes its
+      config until the run ends: a second run into the same directory at once is refused, naming the first's pid;
+    - a failed run leaves no directory behind when Hydra created it for this run and it holds nothing but Hydra's
+      own files (``.hydra/``, the job's ``.log``): a refused configuration, or a failure before training wrote
+      anything. A directory that existed before the run is never removed;
+    - then, as ``merging.cli.CleanErrors``, a bad-input error is printed as one line and a hint."""
 
     def __init__(self, hint: str = "python train.py --help lists every option; HYDRA_FULL_ERROR=1 shows the "
                  "full traceback") -> None:  # fmt: skip
         super().__init__(hint)
         self._created: Path | None = None
+        self._lock: tuple[Path, int] | None = None
 
     def on_run_start(self, config, **kwargs: Any) -> None:
+        from merging.outputs import acquire_lock
+
         run_dir = Path(str(config.hydra.run.dir)).absolute()
         self._created = None if run_dir.exists() else run_dir
+        if not first_process():
+            return
+        try:
+            self._lock = run_dir, acquire_lock(run_dir, key="hydra.run.dir")
+        except OSError as e:  # another job's directory: never removed by this one
+            self._created = None
+            print(f"Error: {e}\nHint: one run per directory; resume it later with ckpt_path=last", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    def on_run_end(self, config, **kwargs: Any) -> None:
+        from merging.outputs import release_lock
+
+        if self._lock is not None:
+            run_dir, fd = self._lock
+            self._lock = None
+            release_lock(run_dir, fd)
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         self._remove(config, job_return)
@@ -337,15 +367,22 @@ class RemoveRefusedRunDir(CleanErrors):
 
     def _remove(self, config, job_return) -> None:
         run_dir, self._created = self._created, None
-        if run_dir is None or job_return.status != JobStatus.FAILED or os.environ.get("RANK", "0") != "0":
+        if run_dir is None or job_return.status != JobStatus.FAILED or not first_process():
             return
         if Path(str(config.hydra.runtime.output_dir)).absolute() != run_dir:
             return
-        subdir = config.hydra.output_subdir
+        self._remove_if_empty(run_dir, config.hydra.output_subdir)
+
+    @staticmethod
+    def _remove_if_empty(run_dir: Path, subdir: str = ".hydra") -> None:
+        from merging.outputs import LOCK
+
+        if not run_dir.is_dir():
+            return
 
         def hydra_own(p: Path) -> bool:
             parts = p.relative_to(run_dir).parts
-            return p.is_dir() or parts[0] == subdir or (len(parts) == 1 and p.suffix == ".log")
+            return p.is_dir() or parts[0] in (subdir, LOCK) or (len(parts) == 1 and p.suffix == ".log")
 
         if all(hydra_own(p) for p in run_dir.rglob("*")):
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -117,12 +117,12 @@ def test_a_failed_run_removes_only_a_run_directory_it_created_and_left_empty(tmp
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from moe.training import RemoveRefusedRunDir
+    from moe.training import RunDirGuard
 
     def job(run_dir, status=JobStatus.FAILED, files=(".hydra/config.yaml", "train.log")):
         config = OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}, "output_subdir": ".hydra",
                                              "runtime": {"output_dir": str(run_dir)}}})  # fmt: skip
-        guard = RemoveRefusedRunDir()
+        guard = RunDirGuard()
         guard.on_run_start(config)
         for name in files:  # what Hydra (and the run) wrote
             (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -262,3 +262,34 @@ def test_a_new_run_into_a_directory_holding_a_run_is_refused_before_anything_is_
     assert proc.returncode == 1 and f"hydra.run.dir={run} holds a run" in proc.stderr
     assert "ckpt_path=last" in proc.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing replaced, nothing added
+
+
+def test_a_new_run_into_a_directory_holding_foreign_files_is_refused_naming_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    (run / "export").mkdir()
+    (run / "export" / "model.safetensors").write_bytes(b"someone else's weights")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = cli("train.py", "experiment=smoke", f"hydra.run.dir={run}", ok=False)
+    assert proc.returncode == 1 and "holds files no run of this command wrote (export, notes.txt)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.iterdir()) == ["export", "notes.txt"]
+
+
+def test_a_second_run_into_a_directory_being_written_fails_at_once_naming_the_first(tmp_path):
+    """The run directory's lock is taken before Hydra writes its config; held here by this process, a run (even a
+    resume, which the holds-a-run check lets through) is refused with this pid and adds nothing."""
+    from merging.outputs import acquire_lock, release_lock
+
+    run = tmp_path / "run"
+    fd = acquire_lock(run)
+    try:
+        for extra in ([], ["ckpt_path=last"]):
+            proc = cli("train.py", "experiment=smoke", f"hydra.run.dir={run}", *extra, ok=False)
+            assert proc.returncode == 1 and f"another job (pid {os.getpid()}) is writing here" in proc.stderr
+            assert "Traceback" not in proc.stderr and [p.name for p in run.iterdir()] == [".moe.lock"]
+    finally:
+        release_lock(run, fd)
+    assert not any(run.iterdir())

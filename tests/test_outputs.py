@@ -106,7 +106,7 @@ def test_a_second_job_on_the_same_directory_fails_at_once_naming_the_first(model
         assert proc.returncode != 0 and f"another job (pid {__import__('os').getpid()}) is writing here" in proc.stderr
     assert not (out / "model.safetensors").exists()
     run(base, fts, out)  # the lock went with its holder
-    assert (out / "model.safetensors").is_file() and not (out / ".moe-merge.lock").exists()
+    assert (out / "model.safetensors").is_file() and not (out / ".moe.lock").exists()
 
 
 def test_check_output_accepts_a_new_or_empty_directory(tmp_path):
