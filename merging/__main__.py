@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides, run_cli
+from merging.cli import USER_ERRORS, hydra_main_args, one_line, quiet_own_callbacks, refuse_unknown_overrides, run_cli
 from merging.config import DATA_AWARE, MergeConfig, register_configs
 from merging.merge import merge
 
@@ -147,10 +147,18 @@ def main(cfg: DictConfig) -> float | None:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)}; a key added with + must be one the schema "
                          "(merging.config.MergeConfig) declares")  # fmt: skip
     adapter = make_adapter(config) if config.eval or config.search or config.method.name in DATA_AWARE else None
+    if config.eval or config.search:  # what evaluation will build must fit, checked before anything is written
+        from merging.resources import check_memory
+
+        for source in dict.fromkeys(s for s in (config.base, *config.models) if s):
+            check_memory(adapter.model_bytes(source), f"eval/search: {source}: the model its config declares")
     path = run(config, adapter)
     print(f"merged ({config.method.name}) -> {path}")
     if config.eval:
-        evaluate_merge(config, adapter)
+        try:
+            evaluate_merge(config, adapter)
+        except USER_ERRORS as e:
+            raise ValueError(f"evaluation failed: {one_line(e)} (the merged model in {path} is kept)") from e
     from merging.search import sweep_objective  # a multirun job's objective (the Optuna sweeper's); else None
 
     return sweep_objective(config, lambda: adapter if adapter is not None else make_adapter(config))

@@ -23,8 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 # What bad input raises here: configuration values, files, checkpoints, numbers (merging.plan.NonFiniteError is a
 # ValueError). Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-               PermissionError, OmegaConfBaseException)  # fmt: skip
+# bad input or an environment that cannot hold the job (a full disk, too little memory): one line, no traceback
+USER_ERRORS = (ValueError, OSError, MemoryError, OmegaConfBaseException)
 
 
 def one_line(error: BaseException) -> str:

@@ -178,6 +178,24 @@ def torch_save_format(path: Path) -> str | None:
     return None
 
 
+def dense_state(path: Path, state) -> dict[str, torch.Tensor]:
+    """``state`` when it maps names to dense tensors holding data; else an error naming the first key that does
+    not (a sparse, quantized or meta tensor, a nested dict, a list)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors (or a Lightning checkpoint), got a "
+                         f"{type(state).__name__}")  # fmt: skip
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise ValueError(f"{path}: state dict key {k!r} is a {type(k).__name__}, expected a tensor name (str)")
+        if not torch.is_tensor(v):
+            raise ValueError(f"{path}: {k!r} is a {type(v).__name__}, expected a tensor")
+        if v.layout != torch.strided or v.is_quantized or v.is_meta:
+            kind = "meta" if v.is_meta else "quantized" if v.is_quantized else str(v.layout).removeprefix("torch.")
+            raise ValueError(f"{path}: tensor {k!r} is {kind}; expected dense tensors holding their values (save "
+                             "t.to_dense() / t.dequantize())")  # fmt: skip
+    return state
+
+
 class StateDictFile:
     """A ``torch.save``d state dict or Lightning checkpoint, loaded with ``weights_only=True``."""
 
@@ -197,14 +215,14 @@ class StateDictFile:
         self.lightning = isinstance(obj, dict) and "state_dict" in obj
         if self.lightning:
             self.hparams = obj.get("hyper_parameters") or {}
+            if not isinstance(self.hparams, dict):
+                raise ValueError(f"{path}: hyper_parameters is a {type(self.hparams).__name__}, expected a mapping")
             state = obj["state_dict"]
-            if any(k.startswith(LIGHTNING_PREFIX) for k in state):
+            if isinstance(state, dict) and any(isinstance(k, str) and k.startswith(LIGHTNING_PREFIX) for k in state):
                 state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
         else:
             state = obj
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise ValueError(f"{path}: expected a state dict of tensors (or a Lightning checkpoint)")
-        self.state = state
+        self.state = dense_state(path, state)
         self.entries = {k: (v.dtype, tuple(v.shape), None) for k, v in state.items()}
         self.metadata = {}
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from merging.patterns import compile_pattern
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -52,10 +54,29 @@ def split_reference(path: str | os.PathLike) -> tuple[Path, Path] | None:
     return None
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end of the module name."""
+def _read_config(file: Path) -> dict:
+    """An adapter's ``adapter_config.json``, its fields used here checked for type: a clear error naming the file."""
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable JSON adapter config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    cfg.setdefault("lora_alpha", 8)
+    cfg["alpha_pattern"] = cfg.get("alpha_pattern") or {}
+    if not isinstance(cfg["alpha_pattern"], dict):
+        raise ValueError(f"{file}: alpha_pattern: expected an object of pattern -> alpha, got "
+                         f"{type(cfg['alpha_pattern']).__name__}")  # fmt: skip
+    return cfg
+
+
+def _pattern_value(patterns: dict, module: str, default, where: str):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end of the module name
+    (RE2, ``merging.patterns``: linear time, whatever the adapter's config holds)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: key {key!r} is not a pattern (text)")
+        if compile_pattern(rf"(.*\.)?({key})$", f"{where}[{key!r}]").match(module):
             return value
     return default
 
@@ -66,7 +87,7 @@ class LoraDelta:
 
     def __init__(self, path: Path, base_shapes: dict[str, tuple[int, ...]]):
         self.path = path
-        cfg = json.loads((path / CONFIG_NAME).read_text())
+        cfg = _read_config(path / CONFIG_NAME)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{path / CONFIG_NAME}: peft_type {cfg['peft_type']!r} is not a LoRA adapter")
         for flag in ("use_dora", "lora_bias"):
@@ -96,6 +117,8 @@ class LoraDelta:
                                  "base does not have")  # fmt: skip
             A, B = f["lora_A"], f["lora_B"]
             r = A.shape[0]
+            if r == 0:
+                raise ValueError(f"{path / WEIGHTS_NAME}: module {module!r}: lora_A {tuple(A.shape)} has rank 0")
             plain, flipped, have = (B.shape[0], A.shape[1]), (A.shape[1], B.shape[0]), tuple(base_shapes[name])
             if B.shape[1] != r or have not in (plain, flipped) or (f["embedding"] and have != flipped):
                 raise ValueError(f"{path / WEIGHTS_NAME}: module {module!r}: lora_A {tuple(A.shape)} and lora_B "
@@ -103,7 +126,10 @@ class LoraDelta:
             # PEFT transposes embeddings and GPT-2 Conv1D weights ([in, out], fan_in_fan_out); the base's shape says
             # which, except for square matrices, where the flags decide
             transposed = have != plain if plain != flipped else bool(f["embedding"] or cfg.get("fan_in_fan_out"))
-            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+            where = path / CONFIG_NAME
+            alpha = _pattern_value(cfg["alpha_pattern"], module, cfg["lora_alpha"], f"{where}: alpha_pattern")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise ValueError(f"{where}: module {module!r}: lora_alpha {alpha!r} is not a finite number")
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             self.modules[name] = (A, B, scale, transposed)
 

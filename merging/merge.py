@@ -12,6 +12,7 @@ of the checkpoints.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -130,12 +131,18 @@ def merge(
                                         for k in ("nonfinite_inputs", "nonfinite_outputs")}  # fmt: skip
                 writer.add_file(REPORT_NAME, text=json.dumps(json_safe(doc), indent=1, allow_nan=False))
             return writer.commit()
-    except BaseException:
+    except BaseException as e:
         if "writer" in locals():
             writer.abort()
         if created and out.exists() and not any(out.iterdir()):
             out.rmdir()
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise OSError(e.errno, f"out={out}: {e.strerror} while writing the merge; what was staged is removed "
+                          "and the directory is as it was") from e  # fmt: skip
         raise
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 
 
 def json_safe(obj):

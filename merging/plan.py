@@ -4,6 +4,7 @@ rows from every model in fp32 chunks."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from merging.io import Checkpoint, row_shape
+from merging.patterns import compile_pattern
 from merging.registry import Chunk
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,7 +149,7 @@ def plan(
     tied: dict[str, str],
 ) -> list[Entry]:
     """Decide, per base tensor, what each model contributes and how it is merged; errors name file and tensor."""
-    excl = [re.compile(x) for x in exclude]
+    excl = [compile_pattern(x, f"exclude[{i}]") for i, x in enumerate(exclude)]
     entries = []
     mismatches = []
     for name in base.names:
@@ -181,6 +183,7 @@ def plan(
         R, _ = row_shape(shape)
         copy = (
             not dtype.is_floating_point
+            or math.prod(shape) == 0  # nothing to merge: the base's (empty) tensor as it is
             or (vectors == "base" and len(shape) <= 1)
             or (vocab == "base" and any(m.shape(s) != shape for m, s in zip(models, e.sources)))
         )

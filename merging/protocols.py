@@ -132,6 +132,10 @@ class TaskAdapter(Protocol):
     def load(self, source: str | os.PathLike | nn.Module) -> nn.Module:
         """The model any checkpoint ``merging`` reads holds (an ``nn.Module`` passes through), in eval mode."""
 
+    def model_bytes(self, source: str | os.PathLike) -> int:
+        """The bytes ``load(source)`` allocates for the model's parameters and buffers, from its config alone (no
+        weights read, nothing allocated): the CLI checks them against free memory before merging."""
+
     def evaluate(self, model: nn.Module, data, split: str = "val") -> dict[str, float]:
         """Per-task accuracy on the validation split ("val"), or on a "search" split disjoint from it."""
 

@@ -47,17 +47,35 @@ from moe.export import Checkpoint, _from_dict, export_model, load_weights_into, 
 from moe.model import MoETransformer, apply_rope
 
 
-def load_any(path: str | os.PathLike) -> MoETransformer:
-    """Any checkpoint ``merging`` reads (export or sharded directories, safetensors, Lightning ``.ckpt``) as a model:
-    the architecture from ``config.json`` beside the weights, else from the checkpoint's hyper-parameters."""
-    ck = Reader(path)
+def architecture(path: str | os.PathLike, ck: Reader | None = None) -> tuple[ModelConfig, RouterConfig]:
+    """The configs of the model a checkpoint holds: ``config.json`` beside the weights, else the checkpoint's
+    hyper-parameters."""
+    ck = ck if ck is not None else Reader(path)
     if (ck.folder / "config.json").is_file():
-        model_cfg, router_cfg = read_config(ck.folder / "config.json")
-    elif ck.hparams.get("model"):
+        return read_config(ck.folder / "config.json")
+    if ck.hparams.get("model"):
         model_cfg = _from_dict(ModelConfig, dict(ck.hparams["model"]), f"{path}:hyper_parameters.model")
         router_cfg = _from_dict(RouterConfig, dict(ck.hparams.get("router") or {}), f"{path}:hyper_parameters.router")
-    else:
-        raise FileNotFoundError(f"{path}: no config.json beside the weights and no hyper-parameters in the checkpoint")
+        return model_cfg, router_cfg
+    raise FileNotFoundError(f"{path}: no config.json beside the weights and no hyper-parameters in the checkpoint")
+
+
+def model_bytes(model_cfg: ModelConfig, router_cfg: RouterConfig) -> int:
+    """Parameter and buffer bytes of ``MoETransformer(model_cfg, router_cfg)``, built on the meta device."""
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg, router_cfg)
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def load_any(path: str | os.PathLike) -> MoETransformer:
+    """Any checkpoint ``merging`` reads (export or sharded directories, safetensors, Lightning ``.ckpt``) as a model:
+    the architecture from ``config.json`` beside the weights, else from the checkpoint's hyper-parameters. A model
+    too large for the memory available is refused before it is built (``merging.resources.check_memory``)."""
+    from merging.resources import check_memory
+
+    ck = Reader(path)
+    model_cfg, router_cfg = architecture(path, ck)
+    check_memory(model_bytes(model_cfg, router_cfg), f"{path}: the model its config declares")
     model = MoETransformer(model_cfg, router_cfg)
     load_weights_into(model, Checkpoint(Path(path), {n: ck.read(n) for n in ck.names}, model_cfg))
     return model.eval()
@@ -106,6 +124,9 @@ class MoEAdapter:
         if self.model_cfg is None and isinstance(model, MoETransformer):
             self.model_cfg, self.router_cfg = model.cfg, model.router_cfg
         return model.eval()
+
+    def model_bytes(self, source: str | os.PathLike) -> int:
+        return model_bytes(*architecture(source))
 
     def build(self, state: Mapping[str, torch.Tensor]) -> MoETransformer:
         if self.model_cfg is None:

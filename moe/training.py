@@ -214,6 +214,9 @@ def run(cfg: TrainConfig) -> dict:
                      else torch.load(resume, map_location="cpu", weights_only=True, mmap=True))  # fmt: skip
         except Exception as e:
             raise ValueError(f"ckpt_path={resume}: not a readable Lightning checkpoint ({e})") from e
+        if not isinstance(saved, dict) or not (deepspeed or isinstance(saved.get("state_dict"), dict)):
+            raise ValueError(f"ckpt_path={resume}: not a Lightning checkpoint (expected a mapping with a "
+                             "'state_dict')")  # fmt: skip
         check_resume_config(cfg, saved.get("train_config"), resume, deepspeed=deepspeed)
     source = cfg.init_from or resume
     init = load_checkpoint(source) if source else None  # a bad file is refused before anything is written

@@ -129,6 +129,21 @@ def make_input(kind: str, d: Path) -> Path:
     if kind == "empty_dir":
         (d / "empty").mkdir()
         return d / "empty"
+    good = tensors(1)
+    saved = {  # torch.save contents of the wrong types (each loads with weights_only=True)
+        "ckpt_list": [1, 2, 3],
+        "ckpt_int": 5,
+        "ckpt_sd_list": {"state_dict": [good["w"]]},
+        "ckpt_values": {"state_dict": {"w": [1.0, 2.0], "v": good["v"]}},
+        "ckpt_nested": {"state_dict": {"w": {"x": good["w"]}, "v": good["v"]}},
+        "ckpt_keys": {"state_dict": {1: good["w"], "v": good["v"]}},
+        "ckpt_hparams": {"state_dict": good, "hyper_parameters": [1]},
+        "ckpt_sparse": {"state_dict": {"w": good["w"].to_sparse(), "v": good["v"]}},
+        "ckpt_meta": {"state_dict": {"w": torch.empty(8, 6, device="meta"), "v": good["v"]}},
+    }
+    if kind in saved:
+        torch.save(saved[kind], d / f"{kind}.ckpt")
+        return d / f"{kind}.ckpt"
     raise KeyError(kind)
 
 
@@ -163,6 +178,17 @@ MERGE_CASES = [
     ("empty_dir", [], r"empty: no model.safetensors"),
     ("shape", [], r"shape.safetensors.*'w'"),
     ("missing", [], r"missing.safetensors.*'v'"),
+    ("ckpt_list", [], r"ckpt_list.ckpt: expected a state dict of tensors .*got a list"),
+    ("ckpt_int", [], r"ckpt_int.ckpt: expected a state dict of tensors .*got a int"),
+    ("ckpt_sd_list", [], r"ckpt_sd_list.ckpt: expected a state dict of tensors .*got a list"),
+    ("ckpt_values", [], r"ckpt_values.ckpt: 'w' is a list, expected a tensor"),
+    ("ckpt_nested", [], r"ckpt_nested.ckpt: 'w' is a dict, expected a tensor"),
+    ("ckpt_keys", [], r"ckpt_keys.ckpt: state dict key 1 is a int, expected a tensor name"),
+    ("ckpt_hparams", [], r"ckpt_hparams.ckpt: hyper_parameters is a list, expected a mapping"),
+    ("ckpt_sparse", [], r"ckpt_sparse.ckpt: tensor 'w' is sparse_coo; expected dense tensors"),
+    ("ckpt_meta", [], r"ckpt_meta.ckpt: tensor 'w' is meta; expected dense tensors"),
+    ("good", ["exclude=['(?=w)']"], r"exclude\[0\]='\(\?=w\)': not a pattern this library matches"),
+    ("good", ["exclude=['(w']"], r"exclude\[0\]='\(w': not a pattern this library matches .*missing \)"),
     ("good", ["shard_size=abc"], r"shard_size='?abc'?"),
     ("good", ["shard_size=0"], r"shard_size='?0'?"),
     ("good", ["shard_size=-5GB"], r"shard_size='?-5GB'?"),
@@ -374,3 +400,89 @@ def test_all_finite_is_exact_where_the_sum_overflows_or_cancels():
     assert all_finite(big)  # the sum overflows fp32; the exact check says finite
     assert not all_finite(torch.tensor([1.0, float("inf"), float("-inf")]))  # inf - inf = NaN in the sum
     assert not all_finite(torch.tensor([0.0, float("nan")])) and all_finite(torch.arange(3))
+
+
+# ---- bounded work, zero-size tensors, memory, a full disk ---------------------------------------------------------
+
+
+def test_an_exclude_pattern_that_backtracks_is_matched_in_linear_time(tmp_path):
+    """``(a+)+b`` against 34 a's: minutes under Python's re (2^34 ways to split them), at once under RE2."""
+    import time
+
+    name = "a" * 34 + "c"
+    save_file({name: torch.ones(3), "w": torch.zeros(2)}, str(tmp_path / "base.safetensors"))
+    save_file({name: torch.full((3,), 3.0), "w": torch.ones(2)}, str(tmp_path / "ft.safetensors"))
+    start = time.perf_counter()
+    merge_run(merge_config([f"base={tmp_path / 'base.safetensors'}", f"models=[{tmp_path / 'ft.safetensors'}]",
+                            f"out={tmp_path / 'o'}", "progress=false", "method=task_arithmetic", "method.lam=1.0",
+                            "exclude=['(a+)+b','^w$']"]))  # fmt: skip
+    assert time.perf_counter() - start < 20
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert torch.equal(merged[name], torch.full((3,), 3.0)) and torch.equal(merged["w"], torch.zeros(2))
+
+
+def test_zero_size_tensors_are_copied_from_the_base(tmp_path):
+    for name, fill in (("base", 1.0), ("ft", 2.0)):
+        save_file({"empty": torch.zeros(0, 6), "scalarish": torch.full((0,), fill), "w": torch.full((2, 3), fill)},
+                  str(tmp_path / f"{name}.safetensors"))  # fmt: skip
+    merge_run(merge_config([f"base={tmp_path / 'base.safetensors'}", f"models=[{tmp_path / 'ft.safetensors'}]",
+                            f"out={tmp_path / 'o'}", "progress=false", "method=task_arithmetic",
+                            "method.lam=1.0"]))  # fmt: skip
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert merged["empty"].shape == (0, 6) and merged["scalarish"].shape == (0,)
+    assert torch.equal(merged["w"], torch.full((2, 3), 2.0))
+
+
+def test_eval_of_a_model_too_large_for_memory_is_refused_before_anything_is_written(tmp_path):
+    """A config.json declaring a 65,536-wide model beside small weights: evaluation would allocate hundreds of GB.
+    The size comes from the config alone (built on the meta device) and is refused before the merge writes."""
+    cfg = ModelConfig(vocab_size=40, max_seq_len=64, d_model=16, n_head=2, num_experts=2, d_ff=8, n_layer=1)
+    for name in ("base", "ft"):
+        export_model(MoETransformer(cfg, RouterConfig(k=1)), tmp_path / name)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["model"].update(d_model=65536, d_ff=65536)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    proc = cli("-m", "merging", f"base={tmp_path / 'base'}", f"models=[{tmp_path / 'ft'}]", f"out={tmp_path / 'o'}",
+               "eval=true", "progress=false")  # fmt: skip
+    error = [x for x in proc.stderr.splitlines() if x.startswith("Error")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"eval/search: {tmp_path / 'base'}: the model its config declares: needs about" in error[0]
+    assert "GiB is available" in error[0]
+    assert not (tmp_path / "o").exists()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
+    """The merge runs under a 100 kB file-size limit (what a full disk does to a write, without needing one): the
+    error names the output, and neither the output nor its staging directory is left."""
+    import resource
+    import signal
+
+    g = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        save_file({"w": torch.randn(256, 256, generator=g)}, str(tmp_path / f"{name}.safetensors"))
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run([sys.executable, "-m", "merging", f"base={tmp_path / 'a.safetensors'}",
+                           f"models=[{tmp_path / 'b.safetensors'}]", f"out={tmp_path / 'o'}", "progress=false"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120, preexec_fn=limit)  # fmt: skip
+    lines = [x for x in proc.stderr.splitlines() if x.startswith(("Error", "Traceback"))]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert f"out={tmp_path / 'o'}: File too large while writing the merge" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_from_a_checkpoint_of_the_wrong_type_is_refused(tmp_path):
+    ck = tmp_path / "list.ckpt"
+    torch.save([1, 2], ck)
+    with pytest.raises(ValueError, match=r"list.ckpt: not a Lightning checkpoint"):
+        train_run(compose_train(["experiment=smoke", f"ckpt_path={ck}", f"output_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from merging.io import dense_state
 from moe.config import ModelConfig, RouterConfig
 from moe.export import LIGHTNING_PREFIX, WEIGHTS_NAME, Checkpoint, _from_dict, export_model, load_weights_into
 from moe.model import MoETransformer
@@ -98,12 +99,12 @@ def read_deepspeed_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, tor
     other entries (client state included)."""
     tag = _tag_dir(Path(checkpoint_dir))
     main = _load(tag / MAIN_FILE, tag)
-    state = dict(main.get("module") or {})
+    state = dict(dense_state(tag / MAIN_FILE, main.get("module") or {}))
     if not state or all(t.numel() == 0 for t in state.values()):  # ZeRO-3 saves empty placeholders
         raise ValueError(f"{tag / MAIN_FILE}: no module weights (a ZeRO-3 checkpoint? only ZeRO-1/2 is supported)")
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for path in sorted(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for key, t in _load(path, tag).items():
+        for key, t in dense_state(path, _load(path, tag)).items():
             m = _EXPERT_KEY.fullmatch(key)
             if m is None:
                 raise ValueError(f"{path}: unexpected key {key!r} (not written by moe.parallel.deepspeed)")
