@@ -596,11 +596,19 @@ def test_bad_parameters_name_the_field():
         merge_tensors("model_stock", z, [z])
     assert {"linear", "task_arithmetic", "ties", "dare", "della", "pcb", "star", "slerp", "model_stock", "tsv_m",
             "iso_c", "iso_cts", "breadcrumbs"} <= set(METHODS)  # fmt: skip
-    # every registered method is callable as a pure function and documents its parameters
+    # every registered method documents its parameters and is a pure function of its inputs: it leaves them as
+    # they were, gives the same result again (seeded draws included), and its result depends on the fine-tunes
+    base = torch.linspace(-1, 1, 12).reshape(3, 4)
+    g = torch.Generator().manual_seed(0)
+    fts = [base + torch.randn(3, 4, generator=g), base + torch.randn(3, 4, generator=g)]
     for m in METHODS.values():
         assert m.reference_url.startswith("https://") and all(p.doc for p in m.params.values())
-        fts = [z + 1, z - 2]
-        torch.testing.assert_close(m(z, fts, name="x"), m(z, fts, name="x"))
+        inputs = [t.clone() for t in (base, *fts)]
+        first = m(base, fts, name="x")
+        assert all(torch.equal(a, b) for a, b in zip(inputs, (base, *fts))), m.name  # nothing changed in place
+        assert torch.equal(first, m(base, fts, name="x")), m.name
+        assert first.shape == base.shape and torch.isfinite(first).all(), m.name
+        assert not torch.equal(first, m(base, [fts[1], fts[1] + 1], name="x")), m.name
 
 
 def test_stream_rows_do_not_depend_on_chunking_and_bits_are_uniform():

@@ -79,11 +79,11 @@ class OneLayer(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(tmp_path, module, callback, logger=False, steps=8, **kw):
+def fit(tmp_path, module, callback, logger=False, steps=8, data=None, **kw):
     trainer = L.Trainer(max_steps=steps, logger=logger, callbacks=[callback], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=4,
                         default_root_dir=str(tmp_path), accelerator="cpu", log_every_n_steps=1, **kw)  # fmt: skip
-    trainer.fit(module, datamodule=TaskData())
+    trainer.fit(module, datamodule=data or TaskData())
     return trainer
 
 
@@ -106,7 +106,10 @@ def test_plain_module_gets_bounded_keys_and_saved_records(tmp_path, E):
     assert all(sum(map(sum, r["joint"])) == 2 * 64 * 2 for r in train)  # expert x task counts: the same slots
     val = [r for r in records if r["split"] == "val"]
     assert len(val) == 2 and sum(val[0]["load"]) == 32 * 4 * 2  # the whole validation set
-    assert records[-1]["metrics"]["eff_experts"] <= E
+    for r in train:  # the logged metric is the perplexity of the logged load: exp(H(load / sum))
+        p_E = torch.tensor(r["load"], dtype=torch.float64) / sum(r["load"])
+        eff = torch.exp(-(p_E[p_E > 0] * p_E[p_E > 0].log()).sum()).item()
+        assert r["metrics"]["eff_experts"] == pytest.approx(eff, rel=1e-6)
 
 
 def test_wandb_offline_run_holds_histogram_image_and_keys(tmp_path, monkeypatch):
@@ -134,12 +137,17 @@ def test_collapse_and_dead_experts_are_warned(tmp_path, capsys):
     module = OneLayer()
     with torch.no_grad():
         module.moe.router.weight.zero_()
-        module.moe.router.weight[0, 1] = 50.0  # expert 0 wins wherever x[..., 1] > 0 ...
-        module.moe.router.weight[1, 1] = 49.0  # ... expert 1 second: experts 2 and 3 starve there
+        module.moe.router.weight[0, 1] = 50.0  # x[..., 1] > 0 everywhere (below): expert 0 first ...
+        module.moe.router.weight[1, 1] = 49.0  # ... expert 1 second; experts 2 and 3 (logit 0) get nothing
+    data = TaskData()
+    for row in data.rows:
+        row["x"][..., 1] = row["x"][..., 1].abs() + 1.0
     cb = RoutingStatsCallback(every_n_steps=1, hot_share=0.2, dead_patience=3)
-    fit(tmp_path, module, cb, steps=4)
-    err = capsys.readouterr().err
-    assert "took" in err and "routing_stats.hot_share=20%" in err
+    fit(tmp_path, module, cb, steps=4, data=data)
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "expert 0 took" in err and "routing_stats.hot_share=20%" in err
+    assert "layer 0 expert 2 got no tokens for 3" in err and "layer 0 expert 3 got no tokens for 3" in err
+    assert "expert 1 got no tokens" not in err
 
 
 def test_router_schedule_anneals_gumbel_temperature(tmp_path):
