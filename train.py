@@ -14,13 +14,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides, run_cli
-from moe.checks import run_dir_holding_a_run
 from moe.config import TrainConfig, register_configs
-from moe.training import adopt_launcher_env, configure_threads, run
+from moe.train.checks import run_dir_holding_a_run
+from moe.train.run import adopt_launcher_env, configure_threads, run
+from moe_merge_common.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides, run_cli
 
 register_configs()
-quiet_own_callbacks("moe.training.RunDirGuard")
+quiet_own_callbacks("moe.train.run.RunDirGuard")
 
 
 @hydra.main(config_path="conf", config_name="train", **hydra_main_args())
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float:
     configure_threads()
     config: TrainConfig = OmegaConf.to_object(cfg)
     if config.merge.enabled:
-        from moe.pipeline import run_pipeline
+        from moe.adapters.pipeline import run_pipeline
 
         return run_pipeline(config)["mean_normalized"] or 0.0
     results = run(config)

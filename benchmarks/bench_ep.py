@@ -6,7 +6,7 @@ step's time goes, and the bytes its exchanges move.
   every layer's experts (``moe.parallel.expert_parallel``: all-to-all dispatch, routers reduce their counts over
   both ranks). Dense gradients are averaged by hand: one flat ``all_reduce`` of all dense gradients, then / 2;
   expert gradients are already the gradient of both ranks' losses and are divided by 2
-  (``moe.dispatch.all_to_all.reduce_expert_grads``). No DDP, no gradient clipping; both runs take the same AdamW
+  (``moe.parallel.comm.reduce_expert_grads``). No DDP, no gradient clipping; both runs take the same AdamW
   step on the same global gradient (the first step's global loss is compared as a check).
 
 The cores are split evenly: with ``--cores 2``, EP=1 runs 2 intra-op threads and each EP=2 process 1. Rounds
@@ -51,10 +51,10 @@ import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from moe.config import DataConfig, ModelConfig, OptimConfig, RouterConfig  # noqa: E402
-from moe.data import Vocab, build_splits, max_example_len  # noqa: E402
-from moe.evaluate import target_loss_and_correct  # noqa: E402
-from moe.layers import MoELayer  # noqa: E402
-from moe.model import MoETransformer  # noqa: E402
+from moe.data.tasks import Vocab, build_splits, max_example_len  # noqa: E402
+from moe.nn.layers import MoELayer  # noqa: E402
+from moe.nn.model import MoETransformer  # noqa: E402
+from moe.train.evaluate import target_loss_and_correct  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 
 # profiler range -> part of the step; backward nodes created inside a forward range count for the same part
@@ -145,8 +145,8 @@ def all_reduce_mean_(grads: list[torch.Tensor], world: int) -> None:
 
 def build(rank: int, world: int, args):
     """Model (same init everywhere, then sharded when world > 1), AdamW, this rank's part of the batch, step()."""
-    from moe.dispatch.all_to_all import reduce_expert_grads
     from moe.parallel import expert_parallel, is_expert_param, sharded_layers
+    from moe.parallel.comm import reduce_expert_grads
 
     model_cfg, router_cfg, data = configs(args)
     torch.manual_seed(0)

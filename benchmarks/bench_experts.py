@@ -1,5 +1,5 @@
-"""Expert compute alone (``moe.experts.swiglu_experts``), forward + backward, every implementation against the others
-over a sweep of rows per expert: the measurements behind ``moe.experts.pick_impl``.
+"""Expert compute alone (``moe.nn.experts.swiglu_experts``), forward + backward, every implementation against the others
+over a sweep of rows per expert: the measurements behind ``moe.nn.experts.pick_impl``.
 
     python benchmarks/bench_experts.py --threads 2 --wait-quiet 600
 
@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.timing import load_average, time_interleaved, wait_quiet  # noqa: E402
-from moe.experts import BMM_MAX_ROWS_PER_EXPERT, pick_impl, swiglu_experts  # noqa: E402
+from moe.nn.experts import BMM_MAX_ROWS_PER_EXPERT, pick_impl, swiglu_experts  # noqa: E402
 
 IMPLS = ("grouped_mm", "bmm", "loop")
 

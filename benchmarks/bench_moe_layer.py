@@ -10,7 +10,7 @@ Candidates:
 - ``moe.kernels + grouped_mm`` (the project): ``fused_router`` -> ``permute`` -> three ``grouped_mm`` over the
   expert-contiguous rows (offsets = cumsum of counts, no host sync) -> ``unpermute``;
 - ``moe.kernels + per-expert matmuls``: the same dispatch, experts as a loop of matmuls over the contiguous
-  blocks (``counts.tolist()``), the form ``moe.layers.SwiGLUExperts`` uses;
+  blocks (``counts.tolist()``), the form ``moe.nn.layers.SwiGLUExperts`` uses;
 - ``loop over experts``: per expert, ``torch.where(ids == e)``, gather, SwiGLU, ``index_add_`` (the common model-zoo
   block);
 - ``sort + grouped_mm``: ``argsort`` + ``bincount`` + gather + ``grouped_mm`` + ``index_add_`` (the best plain-torch
@@ -18,10 +18,10 @@ Candidates:
 - ``compiled sort + grouped_mm`` with ``--compile``;
 - ``HF MixtralSparseMoeBlock``: Hugging Face transformers' Mixtral block with the experts implementation a
   ``MixtralModel`` resolves by default (``grouped_mm`` in transformers 5.x), our weights copied in; its output and
-  input gradient must match ``moe.layers.MoELayer`` before anything is timed.
+  input gradient must match ``moe.nn.layers.MoELayer`` before anything is timed.
 
 On the CPU the project path runs the PyTorch kernels (``impl="auto"``). CPU targets, printed at the end:
-``moe.layers.MoELayer`` >= 1.2x faster than the HF block on every shape (issue 14), and the kernels path >= 2x
+``moe.nn.layers.MoELayer`` >= 1.2x faster than the HF block on every shape (issue 14), and the kernels path >= 2x
 faster than the loop over experts. Default: the median of 9 interleaved rounds (GPU: 10), repeated 5 times (GPU:
 once); the summary gives the medians and the ratio's median and range over the repeats. CPU: fp32, the three CPU shapes:
 
@@ -55,8 +55,8 @@ from benchmarks.timing import (  # noqa: E402
 )
 from moe import kernels  # noqa: E402
 from moe.config import RouterConfig  # noqa: E402
-from moe.experts import pick_impl  # noqa: E402
-from moe.layers import MoELayer  # noqa: E402
+from moe.nn.experts import pick_impl  # noqa: E402
+from moe.nn.layers import MoELayer  # noqa: E402
 
 CONFIGS = {  # name: (T, d, f, E, k)
     "mixtral-like": (8192, 4096, 14336, 8, 2),
@@ -70,7 +70,7 @@ GPU_DEFAULT = "mixtral-like,fine-grained,fine-grained-64"
 CPU_DEFAULT = "cpu-default,cpu-fine,cpu-fine-64"
 PROJECT = "moe.kernels + grouped_mm"
 HF = "HF MixtralSparseMoeBlock"
-OURS_LAYER = "moe.layers.MoELayer"
+OURS_LAYER = "moe.nn.layers.MoELayer"
 BASELINES = ["loop over experts", "sort + grouped_mm", "compiled sort + grouped_mm", HF]
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch._grouped_mm: older torch
 HAS_GROUPED_MM = GROUPED_MM is not None
@@ -100,7 +100,7 @@ class Layer:
 
 
 def moe_layer(x: torch.Tensor, L: Layer) -> torch.Tensor:
-    """``moe.layers.MoELayer`` itself (router via ``moe.routing.route``, kernels permute/unpermute, grouped GEMM
+    """``moe.nn.layers.MoELayer`` itself (router via ``moe.nn.routing.route``, kernels permute/unpermute, grouped GEMM
     experts), holding copies of L's weights."""
     layer = getattr(L, "moe_layer", None)
     if layer is None:
@@ -204,7 +204,7 @@ def fwd_bwd(fn, x: torch.Tensor, L: Layer, grad: torch.Tensor):
 
 
 def check_same(x: torch.Tensor, L: Layer, grad: torch.Tensor, tol: float) -> None:
-    """Raise unless the HF block and ``moe.layers.MoELayer`` agree on the output and the input gradient."""
+    """Raise unless the HF block and ``moe.nn.layers.MoELayer`` agree on the output and the input gradient."""
     errs = []
     for fn in (moe_layer, hf_mixtral):
         out = fn(x, L)
@@ -216,7 +216,7 @@ def check_same(x: torch.Tensor, L: Layer, grad: torch.Tensor, tol: float) -> Non
 
 
 def experts_impl(x: torch.Tensor, L: Layer) -> str:
-    """The expert implementation ``moe.experts.pick_impl`` chooses for this layer's routing."""
+    """The expert implementation ``moe.nn.experts.pick_impl`` chooses for this layer's routing."""
     _, ids, counts, _, _ = kernels.fused_router(x.detach() @ L.w_r.detach(), L.k)
     return pick_impl(x.new_empty(ids.numel(), x.shape[1]), counts, L.w1.shape[2])
 
@@ -362,7 +362,7 @@ def main() -> None:
             if r.us:
                 by_shape.setdefault(r.shape, {})[r.impl] = r.us
         for shape, t in by_shape.items():
-            for ours in ("moe.layers.MoELayer", PROJECT, "moe.kernels + per-expert matmuls"):
+            for ours in ("moe.nn.layers.MoELayer", PROJECT, "moe.kernels + per-expert matmuls"):
                 if ours in t and "loop over experts" in t:
                     print(f"  {shape}  [{ours}]  loop / ours = {t['loop over experts'] / t[ours]:.2f}x")
     print_summary(summary, stat, rounds, args.repeat)

@@ -5,7 +5,7 @@
     python benchmarks/merge_quality.py --base-steps 200 --ft-steps 40 --sizes 2   # a quick look
     python benchmarks/merge_quality.py --work /tmp/mq         # keep the trained models; a rerun only merges
 
-1. A base MoE is trained briefly on all six tasks (``moe.training.run`` on a Hydra-composed ``train.yaml``).
+1. A base MoE is trained briefly on all six tasks (``moe.train.run.run`` on a Hydra-composed ``train.yaml``).
 2. One fine-tune per task, each from the base on that task alone.
 3. For N in ``--sizes``: the fine-tunes of the first N tasks of ``--tasks`` are merged with every method at its
    defaults (``merging.METHODS[m].params``), and the merged model is scored on the validation split.
@@ -32,7 +32,7 @@ def train(out: Path, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     from moe.config import register_configs
-    from moe.training import run
+    from moe.train.run import run
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -58,10 +58,10 @@ def main() -> None:
     import torch
 
     from merging import METHODS, merge
+    from moe.adapters.moe_adapter import load_any as load_merged
     from moe.config import DataConfig
-    from moe.data import build_splits
-    from moe.evaluate import evaluate_tasks
-    from moe.merge_adapter import load_any as load_merged
+    from moe.data.tasks import build_splits
+    from moe.train.evaluate import evaluate_tasks
 
     torch.set_num_threads(2)
     start = time.perf_counter()

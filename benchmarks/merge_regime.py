@@ -5,7 +5,7 @@
     python benchmarks/merge_regime.py --tiny --work /tmp/tiny   # CI size (seconds); tests/test_merge_regime.py
     python benchmarks/merge_regime.py --work /tmp/regime --report   # render what a cut run finished (partial.json)
 
-1. A base byte-level MoE LM (``moe.pycode``) is trained on the stdlib outside the 8 ``--targets`` domains.
+1. A base byte-level MoE LM (``moe.data.pycode``) is trained on the stdlib outside the 8 ``--targets`` domains.
 2. Per seed, one fine-tune per target domain, from the base, on that domain alone (the seed sets the data order).
 3. Per seed and N, N target domains drawn with that seed are merged by every method, at its paper defaults
    (``merging.METHODS[m].params``) and with lambda and its density knob tuned by Optuna's TPE sampler on the
@@ -80,8 +80,8 @@ def data_cfg(size: Size, domains=None, eval_domains=None):
 
 def train(model, corpus, size: Size, steps: int, lr: float, seed: int, weight_decay: float) -> None:
     """AdamW with 5% warm-up and cosine decay to 10%, on random windows of ``corpus``, gradient clip 1."""
-    from moe.losses import router_loss
-    from moe.pycode import TrainWindows
+    from moe.data.pycode import TrainWindows
+    from moe.nn.losses import router_loss
 
     windows, g = TrainWindows(corpus, size.seq_len), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr, betas=(0.9, 0.98), weight_decay=weight_decay)
@@ -104,8 +104,8 @@ def train(model, corpus, size: Size, steps: int, lr: float, seed: int, weight_de
 
 
 def domains_of(corpus, domains):
-    """The segments of ``corpus`` (a ``moe.pycode.ByteCorpus``) that hold ``domains``, sharing its bytes."""
-    from moe.pycode import DOMAINS, ByteCorpus
+    """The segments of ``corpus`` (a ``moe.data.pycode.ByteCorpus``) that hold ``domains``, sharing its bytes."""
+    from moe.data.pycode import DOMAINS, ByteCorpus
 
     keep = torch.tensor([DOMAINS[d] in domains for d in corpus.seg_domain.tolist()], dtype=torch.bool)
     return ByteCorpus(corpus.data, corpus.seg_domain[keep], corpus.seg_start[keep], corpus.seg_end[keep], [])
@@ -113,11 +113,11 @@ def domains_of(corpus, domains):
 
 def build_models(size: Size, corpus, targets, seeds, work: Path) -> tuple[Path, dict[int, dict[str, Path]]]:
     """The base and every fine-tune as export directories under ``work`` (kept: a rerun trains nothing)."""
+    from moe.adapters.moe_adapter import load_any
     from moe.config import ModelConfig, RouterConfig
+    from moe.data.pycode import DOMAINS
     from moe.export import export_model
-    from moe.merge_adapter import load_any
-    from moe.model import MoETransformer
-    from moe.pycode import DOMAINS
+    from moe.nn.model import MoETransformer
 
     def done(path: Path) -> bool:
         return (path / "model.safetensors").is_file()
@@ -152,8 +152,8 @@ class Scorer:
     """Bits per byte per target domain on the reported ("val") or tuning ("search") modules; inputs cached."""
 
     def __init__(self, size: Size, targets):
+        from moe.adapters.pycode_adapter import PyCodeAdapter
         from moe.config import DataConfig
-        from moe.pycode_adapter import PyCodeAdapter
 
         self.adapter, self.data = PyCodeAdapter(), DataConfig(kind="pycode", pycode=data_cfg(size, None, list(targets)))
         self.dm = self.adapter.datamodule(self.data)  # every domain's training text: the models train on it
@@ -161,8 +161,8 @@ class Scorer:
 
     def __call__(self, path: Path, split: str, tasks=None, cache: bool = True) -> dict[str, float]:
         """Scores on ``tasks`` only (default: every target), from the rows of those domains."""
-        from moe.data import TaskSplit
-        from moe.pycode import DOMAINS, evaluate_bits_per_byte
+        from moe.data.pycode import DOMAINS, evaluate_bits_per_byte
+        from moe.data.tasks import TaskSplit
 
         key = (str(path), split, tuple(tasks or ()))
         if not cache or key not in self.cache:

@@ -6,7 +6,7 @@
 Per option: mean and per-task exact match, load imbalance (max/mean of per-expert slot counts on the validation
 split), dead experts (no slot on the whole validation split), and the expert-task mutual information
 I(expert; task) in bits (how much the routing tells about the task), each averaged over the MoE layers.
-Every option runs through the same entry point as ``python train.py`` (Hydra compose -> moe.training.run).
+Every option runs through the same entry point as ``python train.py`` (Hydra compose -> moe.train.run.run).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe.config import register_configs
-from moe.data import ALL_TASKS, build_splits
+from moe.data.tasks import ALL_TASKS, build_splits
 from moe.export import load_model
-from moe.training import configure_threads, run
+from moe.train.run import configure_threads, run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NEEDS = {"expert_choice": ["router.allow_noncausal=true"]}

@@ -4,7 +4,7 @@ Assemble an MoE from N fine-tunes instead: ... assemble.enabled=true [assemble.r
 Data-aware: ... method=divmerge tasks=[sort,copy] | method=pleas models=[A,B] (no base)
 
 Everything model-specific (evaluation, search, router statistics, task data, writing divmerge/pleas outputs) goes
-through the ``adapter`` node (a ``merging.protocols.TaskAdapter``; default ``moe.merge_adapter.MoEAdapter``).
+through the ``adapter`` node (a ``merging.protocols.TaskAdapter``; default ``moe.adapters.moe_adapter.MoEAdapter``).
 """
 
 from __future__ import annotations
@@ -15,18 +15,26 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.cli import USER_ERRORS, hydra_main_args, one_line, quiet_own_callbacks, refuse_unknown_overrides, run_cli
 from merging.config import DATA_AWARE, MergeConfig, register_configs
 from merging.merge import merge
+from moe_merge_common.cli import (
+    USER_ERRORS,
+    hydra_main_args,
+    one_line,
+    quiet_own_callbacks,
+    refuse_unknown_overrides,
+    run_cli,
+    unknown_keys,
+)
 
 register_configs()
-quiet_own_callbacks("merging.cli.CleanErrors")
+quiet_own_callbacks("moe_merge_common.cli.CleanErrors")
 
 
 def make_adapter(cfg: MergeConfig):
     """The ``adapter`` node, instantiated: its ``_target_`` only (Hydra 1.4's execution whitelist holds just it)."""
     if not isinstance(cfg.adapter, dict) or "_target_" not in cfg.adapter:
-        raise ValueError(f"adapter={cfg.adapter!r}: expected a node with _target_ (e.g. moe.merge_adapter.MoEAdapter)")
+        raise ValueError(f"adapter={cfg.adapter!r}: expected a node with _target_ (e.g. moe.adapters.MoEAdapter)")
     allow = "_execution_whitelist_" in inspect.signature(hydra.utils.instantiate).parameters
     return hydra.utils.instantiate(cfg.adapter, **({"_execution_whitelist_": cfg.adapter["_target_"]} if allow else {}))
 
@@ -34,8 +42,8 @@ def make_adapter(cfg: MergeConfig):
 def evaluate_merge(cfg: MergeConfig, adapter=None) -> dict[str, dict[str, float]]:
     """Per-task exact match of the merged model and of every input on the embedded validation split; prints the
     absolute and normalized accuracies. Returns ``{"merged" | "base" | "model{i}": {task: accuracy}}``."""
-    from merging.cli import table_console
     from merging.evaluate import accuracy_table, evaluate_paths
+    from moe_merge_common.cli import table_console
 
     adapter = adapter if adapter is not None else make_adapter(cfg)
     results, norm, owners = evaluate_paths(cfg.out, cfg.base, list(cfg.models), cfg.data, adapter, cfg.tasks,
@@ -47,8 +55,8 @@ def evaluate_merge(cfg: MergeConfig, adapter=None) -> dict[str, dict[str, float]
 def merge_data_aware(config: MergeConfig, adapter) -> Path:
     """``method=divmerge`` (base, one task spec per model) or ``method=pleas`` (exactly two models), on the
     adapter's unlabeled training inputs; the adapter writes the merged model to ``out``."""
-    from merging.io import Checkpoint
-    from merging.outputs import check_output, output_lock, write_staged
+    from moe_merge_common.io import Checkpoint
+    from moe_merge_common.outputs import check_output, output_lock, write_staged
 
     name, params, models = config.method.name, config.method.params(), list(config.models)
     inputs = [p for x in [config.base, *models] if x for p in Checkpoint(x).input_paths()]
@@ -139,8 +147,6 @@ def run(config: MergeConfig, adapter=None):
 
 @hydra.main(config_path="../conf", config_name="merge", **hydra_main_args())
 def main(cfg: DictConfig) -> float | None:
-    from moe.config import unknown_keys
-
     config: MergeConfig = OmegaConf.to_object(cfg)
     unknown = list(unknown_keys(config))  # a +key the schema does not declare would be ignored
     if unknown:
@@ -148,7 +154,7 @@ def main(cfg: DictConfig) -> float | None:
                          "(merging.config.MergeConfig) declares")  # fmt: skip
     adapter = make_adapter(config) if config.eval or config.search or config.method.name in DATA_AWARE else None
     if config.eval or config.search:  # what evaluation will build must fit, checked before anything is written
-        from merging.resources import check_memory
+        from moe_merge_common.resources import check_memory
 
         for source in dict.fromkeys(s for s in (config.base, *config.models) if s):
             check_memory(adapter.model_bytes(source), f"eval/search: {source}: the model its config declares")

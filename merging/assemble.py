@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 from merging.engine import Engine
-from merging.io import Checkpoint, ShardedWriter, parse_size
 from merging.merge import MergeProgress
-from merging.outputs import check_output, output_lock
 from merging.plan import DTYPES, EXPERT_PATTERN, ROUTER_PATTERN, Loader, plan
 from merging.protocols import TaskAdapter
 from merging.registry import METHODS
+from moe_merge_common.io import Checkpoint, ShardedWriter, parse_size
+from moe_merge_common.outputs import check_output, output_lock
 
 
 def _without(ck: Checkpoint, pattern: re.Pattern) -> Checkpoint:
@@ -92,7 +92,7 @@ def assemble(
         raise ValueError("tasks: router_init=stats needs one task spec per model (e.g. [sort, copy+add])")
     if router_init == "stats" and adapter is None:
         raise ValueError("adapter: router_init=stats measures the base on task data through an adapter "
-                         "(e.g. moe.merge_adapter.MoEAdapter())")  # fmt: skip
+                         "(e.g. moe.adapters.moe_adapter.MoEAdapter())")  # fmt: skip
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {sorted(METHODS)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -91,27 +91,16 @@ class MergeConfig:
     search: bool = False  # per-task lambdas (method.weights) by coordinate search on a validation split; needs tasks
     # The model-specific side (evaluation, search, router stats, task data, writing divmerge/pleas outputs): a
     # merging.protocols.TaskAdapter built by hydra.utils.instantiate. `data` is opaque here: the adapter reads it.
-    adapter: Any = field(default_factory=lambda: {"_target_": "moe.merge_adapter.MoEAdapter"})
+    adapter: Any = field(default_factory=lambda: {"_target_": "moe.adapters.moe_adapter.MoEAdapter"})
     data: Any = field(default_factory=dict)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
 
 
-def _config_groups(*groups: str) -> str:
-    """``${config_groups:method}``: Hydra's listing of these config groups, for the help template."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    hydra = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-    return hydra.format_config_groups(lambda group: group in groups) if hydra else ""
-
-
 def register_configs() -> None:
     """The merge schema in Hydra's ConfigStore and the resolver conf/merge.yaml's help uses (idempotent)."""
-    import omegaconf
     from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
 
-    # OmegaConf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is the legacy one)
-    new_api = tuple(int(x) for x in omegaconf.__version__.split(".")[:2]) >= (2, 4)
-    if not OmegaConf.has_resolver("config_groups"):
-        (OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver)("config_groups", _config_groups)
+    from moe_merge_common.cli import config_groups_listing, register_resolver
+
+    register_resolver("config_groups", config_groups_listing)
     ConfigStore.instance().store(name="merge_schema", node=MergeConfig)

@@ -1,7 +1,7 @@
 """DivMerge (Touayouch et al., arXiv 2509.02108, EACL 2026): task-arithmetic coefficients learned by minimising a
 divergence between the merged model's and each fine-tune's output distributions on unlabeled inputs.
 
-Model-agnostic: the model comes through a ``merging.protocols.DivMergeAdapter`` (``moe.merge_adapter.MoEAdapter``).
+Model-agnostic: the model comes through a ``merging.protocols.DivMergeAdapter`` (``moe.adapters.MoEAdapter``).
 
 - Merge (Sec. 4): ``theta(G) = theta_0 + sum_t G[t, l(p)] tau_t`` for every parameter p, ``tau_t = theta_t -
   theta_0``, l(p) its layer (the adapter's): "layer" granularity (LL, one coefficient per task and layer, the

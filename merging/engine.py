@@ -12,10 +12,10 @@ from contextlib import contextmanager
 import torch
 
 from merging.heap import release_above
-from merging.io import ShardedWriter, row_shape
 from merging.plan import Entry, Loader, NonFiniteError, Unit, all_finite, unit_chunks
 from merging.registry import DEFERRED, Chunk, Method, Stage, apply_with_stats, gather_in_memory
 from merging.select import SAMPLE
+from moe_merge_common.io import ShardedWriter, row_shape
 
 MEMORY_BUDGET = 1 << 30  # working memory of all merging threads together (see Engine.working_bytes)
 WORK = 4  # a method's temporaries, in multiples of its fp32 input chunk

@@ -26,10 +26,10 @@ import torch
 
 from merging.engine import Engine, finish_report, merge_entries
 from merging.heap import heap_policy
-from merging.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, parse_size
-from merging.outputs import check_output, output_lock
 from merging.plan import CHUNK_ELEMS, DTYPES, HOLD_BYTES, REPORT_NAME, TIED, Loader, plan
 from merging.registry import METHODS
+from moe_merge_common.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, parse_size
+from moe_merge_common.outputs import check_output, output_lock
 
 
 def merge(

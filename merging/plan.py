@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from merging.io import Checkpoint, row_shape
-from merging.patterns import compile_pattern
 from merging.registry import Chunk
+from moe_merge_common.io import Checkpoint, row_shape
+from moe_merge_common.patterns import compile_pattern
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VOCAB_PATTERN = r"(embed|lm_head|wte|shared|word_embeddings|(^|\.)head\.)"

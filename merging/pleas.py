@@ -2,7 +2,7 @@
 
 Merges two models of one architecture that need not share a base (e.g. trained from different seeds), into a model
 of a chosen width, from unlabeled data. Model-agnostic: the model comes through a ``merging.protocols.PleasAdapter``
-(``moe.merge_adapter.MoEAdapter`` for this library's MoE transformer). Steps (paper / official code):
+(``moe.adapters.moe_adapter.MoEAdapter`` for this library's MoE transformer). Steps (paper / official code):
 
 1. Canonical form of both models (``adapter.canonical``) and their permutation spec: groups of units that permute
    together, how each tensor's axes carry them, the linear maps to refit.

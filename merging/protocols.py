@@ -1,7 +1,7 @@
 """What the data-aware merges (``merging.divmerge``, ``merging.pleas``) need from the data and from the model.
 
 They import nothing model-specific: unlabeled data comes as ``UnlabeledData`` (any re-iterable of token batches, a
-list of tensors will do) and the model-specific parts come from an adapter (``moe.merge_adapter.MoEAdapter`` for
+list of tensors will do) and the model-specific parts come from an adapter (``moe.adapters.moe_adapter.MoEAdapter`` for
 this library's ``MoETransformer``):
 
 - ``ModelAdapter``: build a model from a checkpoint or a state dict, and run it (logits, optionally with

@@ -22,15 +22,7 @@ import numpy as np
 import torch
 
 from merging.select import SAMPLE, StreamSelect, order_stats
-
-
-def row_view_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """``[R, C]`` for a tensor shape: C = last dim (ndim >= 2); a vector or scalar is one row."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return 1, int(shape[0])
-    return math.prod(shape[:-1]), int(shape[-1])
+from moe_merge_common.io import row_shape as row_view_shape
 
 
 class Stream:

@@ -1,6 +1,43 @@
-"""Mixture-of-Experts routing, layers and training. Submodules import lazily; nothing heavy is loaded here."""
+"""Mixture-of-Experts routing, layers, training, expert parallelism and routing reports.
 
-from moe.losses import load_balancing_loss, router_z_loss
-from moe.routing import RouterAux, RoutingPlan, RoutingResult, route, route_fused
+Subpackages, by concern:
+
+- ``moe.nn``: the single-device model code: gating functions, routing, routers, losses, experts, the MoE layer,
+  SMEAR and Soft MoE, our transformer, and Hugging Face sparse blocks to and from our layer (``moe.nn.hf``);
+- ``moe.dispatch``: single-device dispatchers (dropless, capacity, expert choice) and the ``Dispatcher`` protocol;
+- ``moe.parallel``: expert parallelism applied from outside (process groups and collectives in ``comm``, the
+  all-to-all dispatcher, Lightning's DDP and DeepSpeed strategies, DeepSpeed checkpoints);
+- ``moe.kernels``: the fused Triton router and permutes beside their PyTorch references;
+- ``moe.train``: the LightningModule, the training run, its checks and task evaluation;
+- ``moe.data``: the embedded tasks and the stdlib source corpus;
+- ``moe.callbacks``: Lightning callbacks (routing statistics, router schedules, the run's loop control);
+- ``moe.report``: routing statistics, pictures and the offline run report (``python -m moe.report``);
+- ``moe.adapters``: what ``merging`` needs from our model (``MoEAdapter``) and the train-then-merge pipeline; the
+  only modules of ``moe`` that import ``merging``.
+
+``moe.config`` holds the typed configs, ``moe.export`` our checkpoints' export and loading. Modules that moved keep
+their old import paths (``moe.routing``, ``moe.layers``, ``moe.hf``, ...: ``MOVED``).
+"""
+
+from moe.nn.losses import load_balancing_loss, router_z_loss
+from moe.nn.routing import RouterAux, RoutingPlan, RoutingResult, route, route_fused
+from moe_merge_common.aliases import install
+
+MOVED = {  # old module path -> where it lives now
+    **{f"moe.{m}": f"moe.nn.{m}" for m in ("gating", "routing", "routers", "losses", "layers", "experts", "smear",
+                                            "soft_moe", "model", "hf")},  # fmt: skip
+    "moe.lightning": "moe.train.module",
+    "moe.training": "moe.train.run",
+    "moe.checks": "moe.train.checks",
+    "moe.evaluate": "moe.train.evaluate",
+    "moe.pycode": "moe.data.pycode",
+    "moe.stats": "moe.report.stats",
+    "moe.plots": "moe.report.plots",
+    "moe.merge_adapter": "moe.adapters.moe_adapter",
+    "moe.pycode_adapter": "moe.adapters.pycode_adapter",
+    "moe.pipeline": "moe.adapters.pipeline",
+    "moe.dispatch.all_to_all": "moe.parallel.all_to_all",
+}
+install(MOVED)
 
 __all__ = ["RouterAux", "RoutingPlan", "RoutingResult", "load_balancing_loss", "route", "route_fused", "router_z_loss"]

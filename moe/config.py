@@ -6,8 +6,7 @@ full key path. The model config is plain data (JSON-serialisable) so it can be e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
@@ -17,8 +16,8 @@ from omegaconf import MISSING, OmegaConf
 class RouterConfig:
     """Router choice and its hyperparameters (one flat, typed record; each conf/router/*.yaml sets its part).
 
-    kind: "topk" | "noisy_topk" | "gumbel" | "expert_choice". score: a ``moe.gating.SCORE_FUNCTIONS`` name.
-    order: "score_then_topk" (with or without ``renormalize``) | "topk_then_score" (see ``moe.routing``).
+    kind: "topk" | "noisy_topk" | "gumbel" | "expert_choice". score: a ``moe.nn.gating.SCORE_FUNCTIONS`` name.
+    order: "score_then_topk" (with or without ``renormalize``) | "topk_then_score" (see ``moe.nn.routing``).
     """
 
     kind: str = "topk"
@@ -40,7 +39,7 @@ class RouterConfig:
     topk_group: int | None = None  # ... of which each token may use topk_group
     scaling: float = 1.0  # routed_scaling_factor applied to the weights
     # topk router: "auto" = the fused kernel in Triton on CUDA, its PyTorch reference on the CPU; "triton" | "torch"
-    # insist on one (moe.kernels). Options the kernel does not cover route through moe.routing.route.
+    # insist on one (moe.kernels). Options the kernel does not cover route through moe.nn.routing.route.
     impl: str = "auto"
     # Noisy top-k (Shazeer 2017): learned noise scale; its load loss
     load_loss_coef: float = 0.0
@@ -91,7 +90,7 @@ class ModelConfig:
 
 @dataclass
 class PyCodeConfig:
-    """The stdlib byte-level LM data (``moe.pycode.PyCodeDataModule``). Mirrored by conf/data/pycode.yaml."""
+    """The stdlib byte-level LM data (``moe.data.pycode.PyCodeDataModule``). Mirrored by conf/data/pycode.yaml."""
 
     root: str | None = None  # directory of .py files; None = this interpreter's stdlib (sysconfig "stdlib")
     # Directory names skipped at any depth: tests, third-party packages, generated tables (codec maps, pydoc topics)
@@ -190,7 +189,7 @@ class ParallelConfig:
 
 @dataclass
 class PipelineConfig:
-    """``experiment=pipeline`` (``moe.pipeline``): train a base, fine-tune it on each of ``tasks``, merge the
+    """``experiment=pipeline`` (``moe.adapters.pipeline``): train a base, fine-tune it on each of ``tasks``, merge the
     fine-tunes with ``method`` (params: ``merging.METHODS[method]``'s, e.g. {density: 0.2}), evaluate, compare.
     The base and fine-tunes are cached in ``cache_dir`` by the hash of what made them (a multirun over methods
     trains them once)."""
@@ -227,22 +226,6 @@ class TrainConfig:
     output_dir: str = MISSING  # set by conf/train.yaml to the Hydra run directory
 
 
-def unknown_keys(cfg: Any, prefix: str = "") -> Iterator[str]:
-    """Keys of ``cfg`` (a schema instance from ``OmegaConf.to_object``) that its schema does not declare.
-
-    Hydra's ``+key=value`` adds a key with the struct flag lifted, and ``OmegaConf.to_object`` then sets it as a
-    plain attribute of the dataclass, where nothing reads it (``+model.d_modle=64`` would train the default model).
-    """
-    if not is_dataclass(cfg):
-        return
-    declared = {f.name for f in fields(cfg)}
-    for name in vars(cfg):
-        if name not in declared:
-            yield f"{prefix}{name} (not in {type(cfg).__name__})"
-    for f in fields(cfg):
-        yield from unknown_keys(getattr(cfg, f.name), f"{prefix}{f.name}.")
-
-
 def _required(key: str, *alternatives: str, _root_: Any) -> None:
     """``${required:init_from,ckpt_path}``: a value a config group needs from the command line. (``???`` cannot
     say it: merged onto the ``null`` of train.yaml, MISSING keeps the ``null``.) None when one of ``alternatives``
@@ -253,24 +236,12 @@ def _required(key: str, *alternatives: str, _root_: Any) -> None:
     raise ValueError(f"{key} is required by this configuration: add {key}=...{hint} to the command line")
 
 
-def _config_groups(*groups: str) -> str:
-    """``${config_groups:model,router}``: Hydra's listing of these config groups and their options, for a help
-    template (``$APP_CONFIG_GROUPS`` would list every group in conf/, the other tool's included)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    hydra = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
-    return hydra.format_config_groups(lambda group: group in groups) if hydra else ""
-
-
 def register_resolvers() -> None:
     """The OmegaConf resolvers the YAML files in conf/ use (idempotent)."""
-    import omegaconf
+    from moe_merge_common.cli import config_groups_listing, register_resolver
 
-    # OmegaConf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver is the legacy one)
-    new_api = tuple(int(x) for x in omegaconf.__version__.split(".")[:2]) >= (2, 4)
-    register = OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver
-    register("required", _required, replace=True)
-    register("config_groups", _config_groups, replace=True)
+    register_resolver("required", _required)
+    register_resolver("config_groups", config_groups_listing)
 
 
 def register_configs() -> None:

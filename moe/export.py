@@ -15,11 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from moe.config import ModelConfig, MoEConfig, RouterConfig
-from moe.model import MoETransformer
+from moe.nn.model import MoETransformer
+from moe_merge_common.io import WEIGHTS_NAME
 
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-LIGHTNING_PREFIX = "model."
 
 
 def atomic_write(path: Path, write) -> None:
@@ -69,7 +68,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, RouterConfig]:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class LoadedCheckpoint:
     """Weights (without the Lightning ``model.`` prefix) and, when the file records it, the architecture."""
 
     path: Path
@@ -77,14 +76,14 @@ class Checkpoint:
     model: ModelConfig | None
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     """Read a ``.safetensors`` file, an export (or HF-sharded) directory, or a Lightning ``.ckpt``
-    (``weights_only=True``), through ``merging.io.Checkpoint``: the one checkpoint reader of both packages; or a
+    (``weights_only=True``), through ``moe_merge_common.io.Checkpoint``: the one checkpoint reader of both packages;
+    or a
     DeepSpeed checkpoint directory (``trainer=deepspeed``'s ``.ckpt``), every expert gathered
     (``moe.parallel.ds_checkpoint``)."""
-    from merging.io import Checkpoint as Reader
-    from merging.io import StateDictFile
     from moe.parallel.ds_checkpoint import is_deepspeed_checkpoint, model_weights, read_deepspeed_checkpoint
+    from moe_merge_common.io import Checkpoint, StateDictFile
 
     path = Path(path)
     if not path.exists():
@@ -93,11 +92,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         state, extra = read_deepspeed_checkpoint(path)
         hparams = (extra.get("hyper_parameters") or {}).get("model")
         model = _from_dict(ModelConfig, dict(hparams), f"{path}:hyper_parameters.model") if hparams else None
-        return Checkpoint(path, model_weights(state), model)
+        return LoadedCheckpoint(path, model_weights(state), model)
     if path.is_file() and path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
     try:
-        ck = Reader(path)
+        ck = Checkpoint(path)
     except FileNotFoundError as e:  # a directory without weights
         raise FileNotFoundError(f"{path / WEIGHTS_NAME}: no such checkpoint") from e
     if path.suffix == ".ckpt":
@@ -110,10 +109,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config = ck.folder / CONFIG_NAME
         model = read_config(config)[0] if config.exists() else None
     where = path / WEIGHTS_NAME if path.is_dir() and (path / WEIGHTS_NAME).is_file() else path
-    return Checkpoint(where, {name: ck.read(name) for name in ck.names}, model)
+    return LoadedCheckpoint(where, {name: ck.read(name) for name in ck.names}, model)
 
 
-def load_weights_into(model: MoETransformer, ckpt: Checkpoint) -> None:
+def load_weights_into(model: MoETransformer, ckpt: LoadedCheckpoint) -> None:
     """Copy ``ckpt``'s weights into ``model``; names and shapes must match exactly."""
     state, own = ckpt.state, model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

@@ -1,5 +1,5 @@
 """The bad-input catalogue (issue 13): every hostile file, bad number and bad value found against ``train.py``,
-``python -m merging`` and ``moe.routing.route``, one row each. A row asserts that the input is refused with the
+``python -m merging`` and ``moe.nn.routing.route``, one row each. A row asserts that the input is refused with the
 project's error type (the CLI turns it into exit status 1 and one line: the last tests), that the message names
 the offending key, file or tensor, and that no output is left behind (not even an empty directory or a staging
 directory). The header fuzz lives in tests/test_safetensors_header.py."""
@@ -20,15 +20,15 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from merging.__main__ import run as merge_run
-from merging.cli import USER_ERRORS, one_line
 from merging.config import MergeConfig
 from merging.config import register_configs as register_merge
-from moe.checks import check_init_architecture, check_train_config
 from moe.config import ModelConfig, RouterConfig
 from moe.export import export_model
-from moe.model import MoETransformer
-from moe.routing import route
-from moe.training import run as train_run
+from moe.nn.model import MoETransformer
+from moe.nn.routing import route
+from moe.train.checks import check_init_architecture, check_train_config
+from moe.train.run import run as train_run
+from moe_merge_common.cli import USER_ERRORS, one_line
 
 from .conftest import CONF, ROOT
 from .test_configs import compose_train

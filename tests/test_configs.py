@@ -11,10 +11,10 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from merging.config import MergeConfig
 from merging.config import register_configs as register_merge
-from moe.checks import check_train_config
 from moe.config import TrainConfig
 from moe.config import register_configs as register_train
-from moe.training import build_callbacks, build_logger
+from moe.train.checks import check_train_config
+from moe.train.run import build_callbacks, build_logger
 
 from .conftest import CONF
 

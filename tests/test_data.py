@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe.config import DataConfig
-from moe.data import ALL_TASKS, DIGIT_BASE, PAD, QUERY, SEP, SYMBOL_BASE, Vocab, build_splits
+from moe.data.tasks import ALL_TASKS, DIGIT_BASE, PAD, QUERY, SEP, SYMBOL_BASE, Vocab, build_splits
 
 CFG = DataConfig(train_per_task=300, val_per_task=50)
 

@@ -1,4 +1,4 @@
-"""DivMerge (merging.divmerge) and PLeaS (merging.pleas) on our MoE model through moe.merge_adapter.
+"""DivMerge (merging.divmerge) and PLeaS (merging.pleas) on our MoE model through moe.adapters.moe_adapter.
 
 1. Hand-worked pieces: JS/KL of known distributions, greedy decoding's EOS mask, least squares recovering known
    weights (and keeping PLeaS's zero blocks), partial matching of a known cost.
@@ -22,12 +22,12 @@ import torch
 from merging.divmerge import divmerge, greedy_decode, js_divergence, kl_divergence
 from merging.pleas import match_units, pleas, solve_least_squares
 from merging.protocols import UnlabeledData
+from moe.adapters.moe_adapter import MoEAdapter, unlabeled_batches
 from moe.config import DataConfig, ModelConfig, MoEConfig, RouterConfig
-from moe.data import Vocab, build_splits, max_example_len
-from moe.evaluate import target_loss_and_correct, task_metrics
-from moe.losses import router_loss
-from moe.merge_adapter import MoEAdapter, unlabeled_batches
-from moe.model import MoETransformer
+from moe.data.tasks import Vocab, build_splits, max_example_len
+from moe.nn.losses import router_loss
+from moe.nn.model import MoETransformer
+from moe.train.evaluate import target_loss_and_correct, task_metrics
 
 from .conftest import ROOT
 

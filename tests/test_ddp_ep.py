@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moe.config import ModelConfig, OptimConfig, RouterConfig
-from moe.lightning import MoELitModule
+from moe.train.module import MoELitModule
 from tests.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import ModelConfig, RouterConfig
-from moe.model import MoETransformer
+from moe.nn.model import MoETransformer
 from tests.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -81,7 +81,6 @@ def _engine_case(rank, world, tmp):
     deepspeed = _deepspeed_on_cpu()
     from moe.config import OptimConfig
     from moe.export import load_checkpoint, load_model
-    from moe.lightning import MoELitModule
     from moe.parallel import gather_state_dict
     from moe.parallel.deepspeed import (
         convert_deepspeed_checkpoint,
@@ -89,6 +88,7 @@ def _engine_case(rank, world, tmp):
         moe_param_groups,
         split_optimizer,
     )
+    from moe.train.module import MoELitModule
 
     init, ref_state, ref_norms, clip = _reference()
     model = MoETransformer(CFG, ROUTER)

@@ -18,11 +18,11 @@ from merging import merge
 from merging.__main__ import evaluate_merge
 from merging.config import MergeConfig
 from moe.config import DataConfig, TrainConfig, register_configs
-from moe.data import build_splits
-from moe.evaluate import task_metrics
+from moe.data.tasks import build_splits
 from moe.export import load_model
 from moe.report import metric_series, read_stats
-from moe.training import run
+from moe.train.evaluate import task_metrics
+from moe.train.run import run
 
 from .conftest import CONF, ROOT
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from moe.config import ModelConfig, MoEConfig, RouterConfig
-from moe.layers import MoELayer
-from moe.model import MoETransformer
+from moe.nn.layers import MoELayer
+from moe.nn.model import MoETransformer
 from tests.distributed import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -118,7 +118,7 @@ def test_sharded_transformer_logits_and_expert_grads():
 
 
 def _bias_case(rank, world):
-    from moe.gating import update_expert_bias
+    from moe.nn.gating import update_expert_bias
     from moe.parallel import expert_parallel
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The expert implementations (``moe.experts``) agree with each other, and the CPU permute path
+"""The expert implementations (``moe.nn.experts``) agree with each other, and the CPU permute path
 (``moe.kernels.cpu_permute``) with the reference, in outputs and every gradient, on awkward routings."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from moe.experts import GROUPED_MM, padded_rows, pick_impl, swiglu, swiglu_experts
 from moe.kernels import cpu_permute, reference
+from moe.nn.experts import GROUPED_MM, padded_rows, pick_impl, swiglu, swiglu_experts
 
 IMPLS = ["loop", "bmm"] + (["grouped_mm"] if GROUPED_MM is not None else [])
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from moe.callbacks.run import short_metric_name
-from moe.checks import check_train_config
 from moe.config import DataConfig, ModelConfig, RouterConfig
-from moe.data import ALL_TASKS
+from moe.data.tasks import ALL_TASKS
 from moe.export import export_model
-from moe.model import MoETransformer
+from moe.nn.model import MoETransformer
+from moe.train.checks import check_train_config
 
 from .conftest import ROOT
 from .test_configs import compose_train
@@ -117,7 +117,7 @@ def test_a_failed_run_removes_only_a_run_directory_it_created_and_left_empty(tmp
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from moe.training import RunDirGuard
+    from moe.train.run import RunDirGuard
 
     def job(run_dir, status=JobStatus.FAILED, files=(".hydra/config.yaml", "train.log")):
         config = OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}, "output_subdir": ".hydra",
@@ -169,7 +169,7 @@ def test_merge_evaluation_reports_progress(exports, monkeypatch):
     from rich.progress import Progress
 
     from merging.evaluate import evaluate_paths
-    from moe.merge_adapter import MoEAdapter
+    from moe.adapters.moe_adapter import MoEAdapter
 
     seen, update = [], Progress.update
     monkeypatch.setattr(Progress, "update", lambda self, task, **kw: (seen.append(kw.get("description")),
@@ -205,8 +205,8 @@ def test_a_mistyped_key_is_refused_with_the_closest_keys_not_hydras_append_hint(
 
 
 def test_override_keys_under_open_nodes_and_group_choices_pass_the_key_check():
-    from merging.cli import config_groups, unknown_overrides
     from moe.config import TrainConfig
+    from moe_merge_common.cli import config_groups, unknown_overrides
 
     groups = config_groups(ROOT / "conf")
     assert {"experiment", "model/moe", "hydra/launcher", "method"} <= groups
@@ -220,8 +220,8 @@ def test_override_keys_under_open_nodes_and_group_choices_pass_the_key_check():
 
 
 def test_merge_table_means_say_over_which_tasks():
-    from merging.cli import table_console
     from merging.evaluate import accuracy_table
+    from moe_merge_common.cli import table_console
 
     results = {"merged": {"a": 0.5, "b": 1.0, "c": 0.0}, "base": {"a": 0.2, "b": 0.4, "c": 0.6}}
     console = table_console(record=True, file=open(os.devnull, "w"))  # not a terminal: full-width headers
@@ -281,7 +281,7 @@ def test_a_new_run_into_a_directory_holding_foreign_files_is_refused_naming_one(
 def test_a_second_run_into_a_directory_being_written_fails_at_once_naming_the_first(tmp_path):
     """The run directory's lock is taken before Hydra writes its config; held here by this process, a run (even a
     resume, which the holds-a-run check lets through) is refused with this pid and adds nothing."""
-    from merging.outputs import acquire_lock, release_lock
+    from moe_merge_common.outputs import acquire_lock, release_lock
 
     run = tmp_path / "run"
     fd = acquire_lock(run)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe.gating import (
+from moe.nn.gating import (
     SCORE_FUNCTIONS,
     adaptive_temperature,
     dense_to_sparse,

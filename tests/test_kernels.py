@@ -3,8 +3,8 @@
 Coverage:
 1. Router forward and every gradient (through weights, prob_sums and lse, each alone and together), Triton vs
    reference, over awkward shapes, both score functions, with and without renormalisation, both top-k strategies.
-2. The reference tied to the library: weights/ids/counts equal ``moe.routing.route``; the Switch aux loss and the
-   z-loss built from prob_sums/lse equal ``moe.losses``, gradients included; the hand-derived backward equals
+2. The reference tied to the library: weights/ids/counts equal ``moe.nn.routing.route``; the Switch aux loss and the
+   z-loss built from prob_sums/lse equal ``moe.nn.losses``, gradients included; the hand-derived backward equals
    autograd through the dense formulas.
 3. Edge semantics: ties to the lower id, -0.0 vs +0.0, -inf entries, rows with fewer than k finite logits,
    all -inf rows, all tokens on one expert; bf16/fp16/fp32 logits with per-dtype tolerances.
@@ -32,8 +32,8 @@ import torch
 from moe import kernels
 from moe.kernels import ops
 from moe.kernels import reference as ref
-from moe.losses import load_balancing_loss, router_z_loss
-from moe.routing import route
+from moe.nn.losses import load_balancing_loss, router_z_loss
+from moe.nn.routing import route
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
@@ -249,7 +249,7 @@ def test_reference_bias_matches_library_routing():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. The reference tied to moe.routing / moe.losses, and its backward to autograd
+# 2. The reference tied to moe.nn.routing / moe.nn.losses, and its backward to autograd
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -468,7 +468,7 @@ def test_unpermute_is_deterministic_and_weights_grad_optional():
 
 def test_validation_errors():
     logits = torch.randn(4, 6)
-    with pytest.raises(ValueError, match="only .*softmax.*sigmoid.*moe.routing"):
+    with pytest.raises(ValueError, match="only .*softmax.*sigmoid.*moe.nn.routing"):
         kernels.fused_router(logits, 2, score="sparsemax")
     with pytest.raises(ValueError, match="impl='cuda'"):
         kernels.fused_router(logits, 2, impl="cuda")

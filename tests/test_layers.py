@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from moe.config import MoEConfig, RouterConfig
 from moe.dispatch import slot_order
-from moe.layers import MoELayer, SwiGLU
-from moe.smear import SMEARLayer
-from moe.soft_moe import SoftMoELayer
+from moe.nn.layers import MoELayer, SwiGLU
+from moe.nn.smear import SMEARLayer
+from moe.nn.soft_moe import SoftMoELayer
 
 
 def expert_out(layer, e, x):

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from merging import merge
-from merging.io import Checkpoint
-from merging.lora import CONFIG_NAME, WEIGHTS_NAME
+from moe_merge_common.io import Checkpoint
+from moe_merge_common.lora import CONFIG_NAME, WEIGHTS_NAME
 
 
 class Tiny(nn.Module):

@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 
 from merging.__main__ import evaluate_merge, run
 from merging.config import register_configs
+from moe.adapters.moe_adapter import load_any
 from moe.config import DataConfig, ModelConfig, OptimConfig, RouterConfig
-from moe.data import Vocab, max_example_len
+from moe.data.tasks import Vocab, max_example_len
 from moe.export import export_model, load_checkpoint
-from moe.lightning import MoELitModule
-from moe.merge_adapter import load_any
-from moe.model import MoETransformer
+from moe.nn.model import MoETransformer
+from moe.train.module import MoELitModule
 
 from .conftest import CONF, ROOT
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merging import METHODS, merge, merge_tensors
-from merging.io import Checkpoint, ShardedWriter
-from merging.outputs import MANIFEST
+from moe_merge_common.io import Checkpoint, ShardedWriter
+from moe_merge_common.outputs import MANIFEST
 
 PARAMS = {
     "linear": {},

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from merging import merge
 from merging.assemble import assemble, router_statistics
 from merging.search import GRID, search_lambdas
+from moe.adapters.moe_adapter import MoEAdapter, search_split
 from moe.config import DataConfig, ModelConfig, RouterConfig, register_configs
-from moe.data import ALL_TASKS, build_splits
+from moe.data.tasks import ALL_TASKS, build_splits
 from moe.export import export_model, load_model
-from moe.merge_adapter import MoEAdapter, search_split
-from moe.model import MoETransformer
+from moe.nn.model import MoETransformer
 
 from .conftest import CONF
 
@@ -94,7 +94,7 @@ def test_merging_moe_exports_expert_by_expert_keeps_them_loadable(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_trains_the_assembled_router(tmp_path):
-    from moe.training import run
+    from moe.train.run import run
 
     base, fts = make_models(tmp_path, experts=1, n=2)
     out = assemble(base, fts, tmp_path / "moe", k=2, progress=False)

@@ -44,7 +44,7 @@ def bench(tmp_path_factory):
 def test_tuning_split_is_apart_from_training_and_the_reported_split():
     from dataclasses import replace
 
-    from moe.pycode import PyCodeDataModule
+    from moe.data.pycode import PyCodeDataModule
 
     cfg = mr.data_cfg(mr.TINY, list(TARGETS), list(TARGETS))
     dm, plain = PyCodeDataModule(cfg), PyCodeDataModule(replace(cfg, tune_fraction=0.0))
@@ -98,7 +98,7 @@ def test_optuna_sweep_on_the_cli_returns_the_search_split_objective(bench, tmp_p
     cmd = [sys.executable, "-m", "merging", "-m", "hydra/sweeper=merge_optuna", "hydra.sweeper.n_trials=2",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"base={work / 'base'}", f"models={models}", "tasks=[email,json]",
            f"out={tmp_path / 'merged'}", "method=ties", "progress=false",
-           "adapter._target_=moe.pycode_adapter.PyCodeAdapter", "data=pycode", "data.pycode.tune_fraction=0.1",
+           "adapter._target_=moe.adapters.pycode_adapter.PyCodeAdapter", "data=pycode", "data.pycode.tune_fraction=0.1",
            f"data.pycode.seq_len={mr.TINY.seq_len}", f"data.pycode.val_windows_per_domain={mr.TINY.windows}",
            "data.pycode.eval_domains=[email,json]"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import ModelConfig, RouterConfig
-from moe.layers import MoELayer
-from moe.model import MoETransformer
+from moe.nn.layers import MoELayer
+from moe.nn.model import MoETransformer
 
 
 def dense_reference(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def test_model_is_causal():
     assert len(routings) == 2 and routings[0].weights.shape == (20, 2)
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # the expert kernel is picked by thread count (moe.experts.pick_impl)
+@pytest.mark.parametrize("threads", [1, 2])  # the expert kernel is picked by thread count (moe.nn.experts.pick_impl)
 def test_tiny_model_overfits_one_batch(threads):
     """200 AdamW steps, cosine-decayed from 1e-2 to 0, fit one batch exactly. The batch has its own generator (it
     must not depend on what ran before) and the decay ends the run at rest: at a constant 1e-2, batch seeds 0-5

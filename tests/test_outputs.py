@@ -1,4 +1,5 @@
-"""The output policy (``merging.outputs``), one test per rule, through ``merging.merge`` where a merge shows it: every
+"""The output policy (``moe_merge_common.outputs``), one test per rule, through ``merging.merge`` where a merge
+shows it: every
 refusal leaves every input and every foreign file byte-identical."""
 
 import hashlib
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from merging import merge
 from merging.assemble import assemble
-from merging.outputs import MANIFEST, check_output, output_lock
+from moe_merge_common.outputs import MANIFEST, check_output, output_lock
 
 from .conftest import ROOT
 

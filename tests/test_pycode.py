@@ -1,4 +1,4 @@
-"""The stdlib byte-level LM data (moe/pycode.py): split by path, whole-file hold-out, determinism, domains,
+"""The stdlib byte-level LM data (moe/data/pycode.py): split by path, whole-file hold-out, determinism, domains,
 window format, token classes and bits per byte.
 
 Most tests run on a fake stdlib tree in which every file is one repeated byte of its own, so each byte of a
@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moe.pycode import (
+from moe.data.pycode import (
     BOS,
     CLASS_NAMES,
     DOMAINS,

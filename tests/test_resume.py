@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from moe.checks import check_resume_config, check_train_config
-from moe.data import ResumableDataLoader
+from moe.data.tasks import ResumableDataLoader
+from moe.train.checks import check_resume_config, check_train_config
 
 from .conftest import ROOT
 from .test_configs import compose_train

@@ -1,4 +1,4 @@
-"""``router.impl``: TopKRouter on the fused kernel (``moe.routing.route_fused``) vs ``moe.routing.route``.
+"""``router.impl``: TopKRouter on the fused kernel (``moe.nn.routing.route_fused``) vs ``moe.nn.routing.route``.
 
 1. The fused path gives route's plan, losses, auxiliaries and router gradients, over scores, orders, k, E, aux
    modes, the selection bias, scaling and data-parallel counts; ``probs [T, E]`` is built only when read.
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from moe.callbacks import RoutingStatsCallback
 from moe.config import ModelConfig, MoEConfig, RouterConfig
 from moe.dispatch import CapacityDispatcher, DroplessDispatcher
-from moe.layers import MoELayer
-from moe.losses import router_loss
-from moe.model import MoETransformer
-from moe.routers import TopKRouter, build_router
-from moe.routing import route, route_fused
+from moe.nn.layers import MoELayer
+from moe.nn.losses import router_loss
+from moe.nn.model import MoETransformer
+from moe.nn.routers import TopKRouter, build_router
+from moe.nn.routing import route, route_fused
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")

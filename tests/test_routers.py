@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe.config import RouterConfig
-from moe.losses import band_kl_loss, cv_squared, importance_loss, load_balancing_loss, symmetric_kl
-from moe.routers import ExpertChoiceRouter, GumbelRouter, NoisyTopKRouter, TopKRouter, build_router, gumbel_tau
-from moe.routing import group_limited_mask, route
+from moe.nn.losses import band_kl_loss, cv_squared, importance_loss, load_balancing_loss, symmetric_kl
+from moe.nn.routers import ExpertChoiceRouter, GumbelRouter, NoisyTopKRouter, TopKRouter, build_router, gumbel_tau
+from moe.nn.routing import group_limited_mask, route
 
 
 def test_topk_then_softmax_equals_renormalised_softmax_then_topk():

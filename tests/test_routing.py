@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from moe.losses import balance_loss, load_balancing_loss, router_z_loss, z_loss_from_lse
-from moe.routing import route, softmax_topk
+from moe.nn.losses import balance_loss, load_balancing_loss, router_z_loss, z_loss_from_lse
+from moe.nn.routing import route, softmax_topk
 
 
 @pytest.mark.parametrize("T,E,k", [(1, 1, 1), (7, 5, 1), (33, 13, 3), (16, 8, 8), (64, 8, 2)])  # E=1, prime E, k=E

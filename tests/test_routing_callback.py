@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from moe.callbacks import RouterScheduleCallback, RoutingStatsCallback
 from moe.config import RouterConfig
-from moe.layers import MoELayer
-from moe.routers import GumbelRouter
-from moe.stats import load_summary, mutual_information
+from moe.nn.layers import MoELayer
+from moe.nn.routers import GumbelRouter
+from moe.report.stats import load_summary, mutual_information
 from tests.distributed import run_distributed
 
 D = 8

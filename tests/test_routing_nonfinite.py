@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moe.config import ModelConfig, OptimConfig, RouterConfig
-from moe.gating import SCORE_FUNCTIONS, entmax15, sparsemax
-from moe.model import MoETransformer
-from moe.routing import route
+from moe.nn.gating import SCORE_FUNCTIONS, entmax15, sparsemax
+from moe.nn.model import MoETransformer
+from moe.nn.routing import route
 
 INF = math.inf
 UNNORMALISED = ("sigmoid", "softpick", "self_adjust_softmax")
@@ -66,8 +66,8 @@ def test_sparse_scores_with_a_nan_row_return_nan_instead_of_failing(fn):
 
 @pytest.mark.parametrize("kind", ["topk", "noisy_topk", "gumbel", "expert_choice"])
 def test_deferred_checks_count_on_the_device_and_raise_once_per_step_naming_every_layer(kind):
-    from moe.lightning import MoELitModule
-    from moe.routing import raise_router_faults
+    from moe.nn.routing import raise_router_faults
+    from moe.train.module import MoELitModule
 
     cfg = ModelConfig(vocab_size=7, max_seq_len=4, d_model=8, n_layer=3, n_head=2, num_experts=4, d_ff=8)
     router = RouterConfig(kind=kind, k=2, allow_noncausal=True, capacity_factor=1.0 if kind == "expert_choice" else 0)
@@ -89,7 +89,7 @@ def test_deferred_checks_count_on_the_device_and_raise_once_per_step_naming_ever
 
 
 def test_deferred_bias_and_empty_rows_are_counted():
-    from moe.routing import input_faults, route_fused
+    from moe.nn.routing import input_faults, route_fused
 
     logits = torch.tensor([[0.0, 1.0, 2.0], [-INF, -INF, -INF], [math.nan, 0.0, 0.0]])
     assert input_faults(logits, torch.tensor([0.0, math.inf, math.nan])).tolist() == [1, 1, 2]

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from merging import merge
-from merging.io import Checkpoint, SafetensorsFile
-from merging.outputs import MANIFEST
+from moe_merge_common.io import Checkpoint, SafetensorsFile
+from moe_merge_common.outputs import MANIFEST
 
 
 def write(path, header: dict, data: bytes) -> None:

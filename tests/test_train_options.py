@@ -1,4 +1,4 @@
-"""Every router and MoE-layer option trains through the real entry point (Hydra compose -> moe.training.run)."""
+"""Every router and MoE-layer option trains through the real entry point (Hydra compose -> moe.train.run.run)."""
 
 import csv
 
@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe.config import register_configs
-from moe.training import run
+from moe.train.run import run
 
 from .conftest import CONF
 
@@ -65,7 +65,7 @@ def test_optimizer_impls_train_alike(tmp_path):
     same run's losses agree to rounding; "auto" resolves to fused for CPU float parameters only."""
     import torch
 
-    from moe.lightning import adamw_impl
+    from moe.train.module import adamw_impl
 
     assert adamw_impl("auto", [torch.zeros(2)]) == {"fused": True}
     assert adamw_impl("auto", [torch.zeros(2, device="meta")]) == {}

@@ -1,6 +1,6 @@
 """RouterScheduleCallback: the routers' state that changes with training steps, driven from one place.
 
-- Gumbel-softmax routers (``moe.routers.GumbelRouter``): temperature ``tau_t`` set from the optimizer step
+- Gumbel-softmax routers (``moe.nn.routers.GumbelRouter``): temperature ``tau_t`` set from the optimizer step
   before each training batch (``gumbel_tau``).
 - Aux-loss-free bias (DeepSeek-V3; ``TopKRouter`` with ``router.bias_update_rate > 0``): the sign rule applied
   to the load counted since the last update, after each optimizer step. Under data or expert parallelism the
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from moe.routers import GumbelRouter, TopKRouter
+from moe.nn.routers import GumbelRouter, TopKRouter
 
 
 class RouterScheduleCallback(L.Callback):

@@ -7,14 +7,14 @@ batches carry ``task_id``), the expert x token-class counts (when the datamodule
 router entropy, the aux and z losses and the dropped slots. The module itself does nothing for it.
 
 The router entropy needs the full ``[T, E]`` distribution, which a fused router never writes
-(``moe.routing.RouterAux.probs`` computes it when read): the callback reads it on validation batches and on the
+(``moe.nn.routing.RouterAux.probs`` computes it when read): the callback reads it on validation batches and on the
 training batches of logging steps only, so ``entropy`` is the mean over the tokens of those batches.
 
 Every ``every_n_steps`` training steps (default: the Trainer's ``log_every_n_steps``) and at each validation
 end it logs, per layer, under ``routing/{train,val}/layer{i}/``: ``util_min``, ``max_mean``, ``cv``,
 ``dead_frac``, ``eff_experts``, ``entropy``, ``aux_loss``, ``z_loss``, ``dropped_frac``, ``mi_task`` and the
 top-3 / bottom-3 experts
-(``moe.stats.load_summary``): a bounded number of keys whatever E is. With wandb it also logs the load as a
+(``moe.report.stats.load_summary``): a bounded number of keys whatever E is. With wandb it also logs the load as a
 histogram, and every ``plot_every_n_steps`` and at the end, images: expert x task and expert x token-class
 heatmaps, and the load over training (step x expert). Counts are summed over data-parallel ranks.
 
@@ -36,11 +36,11 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from moe import plots
-from moe.layers import MoELayer
-from moe.smear import SMEARLayer
-from moe.soft_moe import SoftMoELayer
-from moe.stats import load_summary, mean_entropy, mutual_information
+from moe.nn.layers import MoELayer
+from moe.nn.smear import SMEARLayer
+from moe.nn.soft_moe import SoftMoELayer
+from moe.report import plots
+from moe.report.stats import load_summary, mean_entropy, mutual_information
 
 LAYER_KINDS = ((MoELayer, "sparse"), (SMEARLayer, "smear"), (SoftMoELayer, "soft"))
 

@@ -3,16 +3,16 @@
 Shapes: T tokens, d model width, k experts per token, E experts, S dispatched rows (``T*k`` dropless, at most
 ``T*k`` with a capacity, ``E*C`` for expert choice).
 
-Every dispatcher has one interface, used by ``moe.layers.MoELayer``::
+Every dispatcher has one interface, used by ``moe.nn.layers.MoELayer``::
 
-    x_SD, counts_E, plan = dispatcher.dispatch(x_TD, routing)   # routing: the router's moe.routing.RoutingPlan
+    x_SD, counts_E, plan = dispatcher.dispatch(x_TD, routing)   # routing: the router's moe.nn.routing.RoutingPlan
     y_SD = experts(x_SD, counts_E)
     y_TD = dispatcher.combine(y_SD, plan)                          # back to token order, weighted by the router
 
 ``routing`` carries ``weights_TK``, ``ids_TK`` and the router's ``counts_E`` (used as they are: no recount).
 ``plan`` is a frozen record of what combine needs; ``plan.dropped_fraction`` is the share of (token, choice)
 slots that a capacity dropped (None when nothing can be dropped). These are the expert-parallel base case: the
-all-to-all dispatcher (``moe.dispatch.all_to_all``) wraps one of them and moves the rows between ranks.
+all-to-all dispatcher (``moe.parallel.all_to_all``) wraps one of them and moves the rows between ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 
 from moe import kernels
-from moe.routing import RoutingPlan
+from moe.nn.routing import RoutingPlan
 
 
 @dataclass(frozen=True)

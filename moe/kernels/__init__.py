@@ -14,7 +14,7 @@ environment has ``TRITON_INTERPRET=1``, read at call time); "torch" is the refer
 (``torch.library`` custom ops with fake functions and autograd, see ``ops.py``), and ``torch.compile`` traces
 around them.
 
-Losses from the router's statistics (what ``moe.losses`` computes from the dense ``[T, E]`` probabilities)::
+Losses from the router's statistics (what ``moe.nn.losses`` computes from the dense ``[T, E]`` probabilities)::
 
     aux_loss = E * torch.dot(counts_E.float() / (T * k), prob_sums_E / T)   # Switch; "hf" mode: counts_E / T
     z_loss = lse_T.square().mean()
@@ -22,8 +22,8 @@ Losses from the router's statistics (what ``moe.losses`` computes from the dense
 Why only softmax and sigmoid are fused: the kernel reads each row of logits once and must turn every logit into
 its score on the spot, which needs a closed-form per-element normaliser: ``exp(x - lse)`` (softmax, one
 max + sum reduction per row) or none at all (sigmoid). Sparsemax and entmax need a sort-and-threshold search over
-the whole row, and the other gates of ``moe.gating`` change the normaliser per row in ways whose top-k and
-gradient this kernel does not implement; route those through ``moe.routing`` / ``moe.gating``.
+the whole row, and the other gates of ``moe.nn.gating`` change the normaliser per row in ways whose top-k and
+gradient this kernel does not implement; route those through ``moe.nn.routing`` / ``moe.nn.gating``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def fused_router(
     if score not in FUSED_SCORES:
         raise ValueError(
             f"score={score!r}: only {FUSED_SCORES} are fused (the single pass needs a closed-form per-element "
-            "normaliser); route other score functions through moe.routing / moe.gating"
+            "normaliser); route other score functions through moe.nn.routing / moe.nn.gating"
         )
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (E,) or bias.device != logits.device:

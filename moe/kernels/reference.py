@@ -26,8 +26,8 @@ Router semantics (shared with the Triton kernel)
 - ``renormalize=True`` divides the K kept scores by their sum (0 if the sum is 0).
 - ``prob_sums_E = sum_t q_te`` over *all* experts, ``q`` the router's distribution over experts: the softmax
   probabilities, or the sigmoid scores normalised per token, ``q_te = s_te / sum_e' s_te'`` (DeepSeek-V3's
-  ``s'``; 0 on a row of zeros), as ``moe.routing`` defines the aux loss' distribution. With it the Switch
-  load-balancing loss is ``E * sum_e (counts_e / (T*K)) * (prob_sums_e / T)`` (``moe.losses.balance_loss``).
+  ``s'``; 0 on a row of zeros), as ``moe.nn.routing`` defines the aux loss' distribution. With it the Switch
+  load-balancing loss is ``E * sum_e (counts_e / (T*K)) * (prob_sums_e / T)`` (``moe.nn.losses.balance_loss``).
 - ``lse_T = logsumexp_e x_te`` for both score functions (the router z-loss is ``mean(lse**2)``; for sigmoid the
   z-loss still penalises the logits' log-partition, as ST-MoE defines it on logits).
 """

@@ -5,7 +5,7 @@
 - shards every sparse ``MoELayer`` over EP groups of ``ep_size`` consecutive ranks: the rank with index i in its
   group keeps experts ``i*E/ep .. (i+1)*E/ep - 1``, in order, as the same ``SwiGLUExperts`` parameters with
   ``E/ep`` rows, tagged the way DeepSpeed expects (``param.allreduce = False``, ``param.group_name``);
-- installs the all-to-all dispatcher (``moe.dispatch.all_to_all``) around the layer's own dispatcher;
+- installs the all-to-all dispatcher (``moe.parallel.all_to_all``) around the layer's own dispatcher;
 - makes every router reduce its expert counts over all ranks, so the load-balancing loss, the aux-loss-free bias
   and the routing statistics see the global batch (also at ``ep_size=1``, plain data parallelism).
 
@@ -27,9 +27,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe.dispatch import all_to_all as comm
-from moe.dispatch.all_to_all import AllToAllDispatcher, ExpertParallelGroups, make_groups
-from moe.layers import MoELayer
+from moe.nn.layers import MoELayer
+from moe.nn.routers import Router
+from moe.parallel import comm
+from moe.parallel.all_to_all import AllToAllDispatcher
+from moe.parallel.comm import ExpertParallelGroups, make_groups
 
 __all__ = [
     "ExpertParallelGroups",
@@ -57,7 +59,7 @@ def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def sharded_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     """The sparse MoE layers that ``expert_parallel`` sharded, with their module names."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer) and hasattr(m, "ep_groups")]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer) and m.ep_groups is not None]
 
 
 def layout(world_size: int, ep_size: int) -> list[dict[str, object]]:
@@ -92,7 +94,7 @@ def expert_parallel(model: nn.Module, ep_size: int, groups: ExpertParallelGroups
     if groups.ep_size != ep_size:
         raise ValueError(f"groups.ep_size={groups.ep_size} differs from ep_size={ep_size}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
-    if any(hasattr(m, "ep_groups") for _, m in layers):
+    if any(m.ep_groups is not None for _, m in layers):
         raise ValueError("expert_parallel: the model is already sharded")
     for name, layer in layers:
         if layer.num_experts % ep_size:
@@ -101,7 +103,7 @@ def expert_parallel(model: nn.Module, ep_size: int, groups: ExpertParallelGroups
             )
     reduce = _count_reducer(groups)
     for m in model.modules():
-        if hasattr(m, "reduce_counts"):  # routers
+        if isinstance(m, Router):
             m.reduce_counts = reduce
     if ep_size == 1:  # plain data parallelism: whole experts, reduced with the dense parameters
         return model

@@ -26,7 +26,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
-from moe.dispatch.all_to_all import all_gather_dim0, global_grad_norm, make_groups, reduce_expert_grads
 from moe.parallel import (
     expert_parallel,
     gather_state_dict,
@@ -35,6 +34,7 @@ from moe.parallel import (
     shard_state_dict,
     sharded_layers,
 )
+from moe.parallel.comm import all_gather_dim0, global_grad_norm, make_groups, reduce_expert_grads
 
 
 class ExpertParallelDDPStrategy(DDPStrategy):

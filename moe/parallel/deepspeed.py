@@ -5,7 +5,7 @@ reduce expert gradients over the expert-data-parallel (EDP) groups (tagging the 
 first backward fails in ``stage_1_and_2.py::average_tensor``). ``deepspeed_expert_parallel(model, ep_size)``:
 
 1. creates DeepSpeed's EP/EDP groups (``deepspeed.utils.groups._create_expert_and_data_parallel``, the layout of
-   ``moe.dispatch.all_to_all``) and shards every sparse ``MoELayer`` on them (``moe.parallel.expert_parallel``);
+   ``moe.parallel.all_to_all``) and shards every sparse ``MoELayer`` on them (``moe.parallel.expert_parallel``);
 2. attaches to each sharded layer, as ``layer.ds_bridge``, a ``DeepSpeedMoEBridge``: a ``MoE`` subclass that owns
    no parameters and answers what the engine reads (``num_experts``, ``num_local_experts``, ``ep_size``,
    ``expert_group_name``, ``set_deepspeed_parallelism``, and ``state_dict()`` / ``_load_from_state_dict`` in
@@ -50,9 +50,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from moe.dispatch.all_to_all import groups_from
-from moe.layers import MoELayer
+from moe.nn.layers import MoELayer
 from moe.parallel import EXPERT_WEIGHTS, expert_parallel, gather_state_dict, sharded_layers
+from moe.parallel.comm import groups_from
 from moe.parallel.ds_checkpoint import BRIDGE, DS_EXPERTS, convert_deepspeed_checkpoint
 
 __all__ = [

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from merging.io import dense_state
 from moe.config import ModelConfig, RouterConfig
-from moe.export import LIGHTNING_PREFIX, WEIGHTS_NAME, Checkpoint, _from_dict, export_model, load_weights_into
-from moe.model import MoETransformer
+from moe.export import LoadedCheckpoint, _from_dict, export_model, load_weights_into
+from moe.nn.model import MoETransformer
+from moe_merge_common.io import LIGHTNING_PREFIX, WEIGHTS_NAME, dense_state
 
 BRIDGE = "ds_bridge"  # attribute of a sharded MoELayer holding its DeepSpeed bridge
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts"  # DeepSpeed's per-expert key infix (engine.py)
@@ -143,7 +143,7 @@ def convert_deepspeed_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path
     if config is None:
         raise ValueError(f"{checkpoint_dir}: no hyper_parameters saved; pass config=(ModelConfig, RouterConfig)")
     model = MoETransformer(*config)
-    load_weights_into(model, Checkpoint(Path(checkpoint_dir), model_weights(state), config[0]))
+    load_weights_into(model, LoadedCheckpoint(Path(checkpoint_dir), model_weights(state), config[0]))
     return export_model(model, out_dir)
 
 

@@ -11,8 +11,9 @@ from einops import rearrange
 from torch import nn
 
 from moe.config import ModelConfig, RouterConfig
-from moe.layers import build_moe_layer
-from moe.routing import RoutingResult
+from moe.nn.layers import build_moe_layer
+from moe.nn.routers import Router
+from moe.nn.routing import RoutingResult
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
@@ -90,7 +91,7 @@ class MoETransformer(nn.Module):
         if self.shift is not None:
             nn.init.zeros_(self.shift.weight)
         for name, m in self.named_modules():
-            if hasattr(m, "layer_name"):  # routers name their layer in errors
+            if isinstance(m, Router):  # routers name their layer in errors
                 m.layer_name = name
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[RoutingResult]]:

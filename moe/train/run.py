@@ -25,9 +25,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from rich.table import Table
 
-from merging.cli import CleanErrors, table_console
 from moe.callbacks.run import RunState, ValidateAtLastStep
-from moe.checks import (
+from moe.config import DataConfig, TrainConfig, TrainerConfig
+from moe.data.tasks import MultiTaskDataModule
+from moe.export import atomic_write, export_model, load_checkpoint, load_weights_into
+from moe.nn.model import MoETransformer
+from moe.parallel.ds_checkpoint import is_deepspeed_checkpoint, read_client_state
+from moe.train.checks import (
     check_init_architecture,
     check_parallel,
     check_resume_config,
@@ -35,13 +39,10 @@ from moe.checks import (
     command_line_keys,
     strategy_target,
 )
-from moe.config import DataConfig, TrainConfig, TrainerConfig
-from moe.data import MultiTaskDataModule
-from moe.evaluate import evaluate_tasks
-from moe.export import LIGHTNING_PREFIX, atomic_write, export_model, load_checkpoint, load_weights_into
-from moe.lightning import MoELitModule
-from moe.model import MoETransformer
-from moe.parallel.ds_checkpoint import is_deepspeed_checkpoint, read_client_state
+from moe.train.evaluate import evaluate_tasks
+from moe.train.module import MoELitModule
+from moe_merge_common.cli import CleanErrors, table_console
+from moe_merge_common.io import LIGHTNING_PREFIX
 
 
 class _NoTips(logging.Filter):
@@ -123,11 +124,11 @@ def accuracy_table(accs: dict[str, float], title: str, column: str | None = None
 
 
 def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
-    """``data.kind``: the embedded multi-task data, or the stdlib byte-level LM (``moe.pycode``)."""
+    """``data.kind``: the embedded multi-task data, or the stdlib byte-level LM (``moe.data.pycode``)."""
     if cfg.kind == "multitask":
         return MultiTaskDataModule(cfg)
     if cfg.kind == "pycode":
-        from moe.pycode import PyCodeDataModule
+        from moe.data.pycode import PyCodeDataModule
 
         return PyCodeDataModule(cfg.pycode)
     raise ValueError(f"data.kind={cfg.kind!r}: expected 'multitask' or 'pycode'")
@@ -271,7 +272,7 @@ def run(cfg: TrainConfig) -> dict:
         model.load_state_dict(state)
         model.to(trainer.strategy.root_device)
         if lm:
-            from moe.pycode import evaluate_bits_per_byte
+            from moe.data.pycode import evaluate_bits_per_byte
         if lm:  # bits per byte per held-out domain, and over all of them
             bpb = evaluate_bits_per_byte(model, dm.val_split)
             finals = {**{f"final/bpb/{d}": v for d, v in bpb.items() if d != "all"}, "final/bpb": bpb["all"]}
@@ -329,12 +330,13 @@ def first_process() -> bool:
 class RunDirGuard(CleanErrors):
     """Hydra callback (conf/train.yaml) guarding a single run's directory:
 
-    - the first process holds the directory's lock (``merging.outputs.acquire_lock``) from before Hydra writes its
+    - the first process holds the directory's lock (``moe_merge_common.outputs.acquire_lock``) from before Hydra
+      writes its
       config until the run ends: a second run into the same directory at once is refused, naming the first's pid;
     - a failed run leaves no directory behind when Hydra created it for this run and it holds nothing but Hydra's
       own files (``.hydra/``, the job's ``.log``): a refused configuration, or a failure before training wrote
       anything. A directory that existed before the run is never removed;
-    - then, as ``merging.cli.CleanErrors``, a bad-input error is printed as one line and a hint."""
+    - then, as ``moe_merge_common.cli.CleanErrors``, a bad-input error is printed as one line and a hint."""
 
     def __init__(self, hint: str = "python train.py --help lists every option; HYDRA_FULL_ERROR=1 shows the "
                  "full traceback") -> None:  # fmt: skip
@@ -343,7 +345,7 @@ class RunDirGuard(CleanErrors):
         self._lock: tuple[Path, int] | None = None
 
     def on_run_start(self, config, **kwargs: Any) -> None:
-        from merging.outputs import acquire_lock
+        from moe_merge_common.outputs import acquire_lock
 
         run_dir = Path(str(config.hydra.run.dir)).absolute()
         self._created = None if run_dir.exists() else run_dir
@@ -357,7 +359,7 @@ class RunDirGuard(CleanErrors):
             raise SystemExit(1) from None
 
     def on_run_end(self, config, **kwargs: Any) -> None:
-        from merging.outputs import release_lock
+        from moe_merge_common.outputs import release_lock
 
         if self._lock is not None:
             run_dir, fd = self._lock
@@ -378,7 +380,7 @@ class RunDirGuard(CleanErrors):
 
     @staticmethod
     def _remove_if_empty(run_dir: Path, subdir: str = ".hydra") -> None:
-        from merging.outputs import LOCK
+        from moe_merge_common.outputs import LOCK
 
         if not run_dir.is_dir():
             return

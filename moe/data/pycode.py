@@ -1,7 +1,7 @@
 """Byte-level language modelling on the Python standard library's own source (no download).
 
 The corpus is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` (minus tests, third-party packages and
-generated tables, see ``PyCodeConfig.exclude``). Batches have the multi-task format of ``moe.data``:
+generated tables, see ``PyCodeConfig.exclude``). Batches have the multi-task format of ``moe.data.tasks``:
 ``tokens [B, S+1]`` int64, ``target_mask [B, S+1]`` bool, ``task_id [B]`` int64 (the index in ``DOMAINS``).
 
 - **Vocabulary** (``ByteVocab``, 257 ids): ids 0..255 are the byte values, 256 is ``BOS``, written before every
@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from moe.config import PyCodeConfig
 
 if TYPE_CHECKING:
-    from moe.data import TaskSplit
+    from moe.data.tasks import TaskSplit
 
 # Top-level stdlib packages with >= ~40 KB of source on 3.10-3.13 that the routing heatmap shows as rows;
 # everything else is "other" (which must stay last).
@@ -260,7 +260,9 @@ class EpochSampler(Sampler[int]):
 
 def val_windows(corpus: ByteCorpus, seq_len: int, per_domain: int) -> TaskSplit:
     """Up to ``per_domain`` evenly spaced windows per segment (one BOS-padded window if the segment is short)."""
-    from moe.data import TaskSplit  # not at the top: moe.config imports this module, and moe.data imports moe.config
+    from moe.data.tasks import (
+        TaskSplit,  # not at the top: moe.config imports this module, and moe.data.tasks imports moe.config
+    )
 
     length = seq_len + 1
     tokens, masks, task_ids = [], [], []
@@ -350,7 +352,7 @@ class PyCodeDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        from moe.data import SplitDataset
+        from moe.data.tasks import SplitDataset
 
         return DataLoader(
             SplitDataset(self.val_split),

@@ -1,11 +1,11 @@
-"""``merging``'s ``TaskAdapter`` for the stdlib byte-level LM (``data.kind=pycode``, ``moe.pycode``).
+"""``merging``'s ``TaskAdapter`` for the stdlib byte-level LM (``data.kind=pycode``, ``moe.data.pycode``).
 
 Scores are bits per byte per domain, lower is better: compare a merge with the gain share
 (``merging.search.gain_share``), which does not depend on the score's direction, not with ``eval=true``'s ratio
 to the fine-tune (meant for accuracies). Splits: "val" is the reported held-out modules, "search" the tuning
 modules (``data.pycode.tune_fraction > 0``), neither of them trained on.
 
-    python -m merging -m hydra/sweeper=merge_optuna adapter._target_=moe.pycode_adapter.PyCodeAdapter \
+    python -m merging -m hydra/sweeper=merge_optuna adapter._target_=moe.adapters.pycode_adapter.PyCodeAdapter \
         data=pycode data.pycode.tune_fraction=0.1 base=B models=[F1,F2] tasks=[email,json] out=merged method=ties
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe.merge_adapter import MoEAdapter, data_config
-from moe.pycode import DOMAINS, PyCodeDataModule, evaluate_bits_per_byte, gather_windows
+from moe.adapters.moe_adapter import MoEAdapter, data_config
+from moe.data.pycode import DOMAINS, PyCodeDataModule, evaluate_bits_per_byte, gather_windows
 
 
 class PyCodeAdapter(MoEAdapter):

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from moe.config import ModelConfig, TrainConfig, TrainerConfig, unknown_keys
-from moe.lightning import OPTIM_IMPLS
+from moe.config import ModelConfig, TrainConfig, TrainerConfig
+from moe.train.module import OPTIM_IMPLS
+from moe_merge_common.cli import unknown_keys
 
 # Keys of a resumed run's config that must equal the checkpoint's: they shape the weights. (The trainer, the
 # parallel layout, the logger and the callbacks may change: a run saved at EP=2 resumes at EP=1.)
@@ -161,7 +162,7 @@ def run_dir_holding_a_run(argv: list[str]) -> str | None:
     top-level ``.log``) are left from a refused run and may be replaced. Checked before Hydra writes anything; None
     when the command may go on. (Lightning's launcher starts the other ranks with the same command line: only the
     first process checks.)"""
-    from merging.outputs import LOCK
+    from moe_merge_common.outputs import LOCK
 
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
         return None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from moe.routing import RouterAux, RoutingPlan, RoutingResult
+from moe.nn.routing import RouterAux, RoutingPlan, RoutingResult
 
 
 def l2_normalize(v: torch.Tensor, dim: int) -> torch.Tensor:

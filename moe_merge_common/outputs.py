@@ -12,7 +12,7 @@ Rules (each refusal names the path and what was expected):
   write (an old report, shards of another count, a config.json) are removed (``replace_previous``);
 - ``output_lock``: a second job writing the same directory fails at once, naming the first job's pid.
 
-A merge's own staging directories (``.merge-*.tmp``, ``merging.io``) and the lock file belong to the policy and
+A merge's own staging directories (``.merge-*.tmp``, ``moe_merge_common.io``) and the lock file belong to the policy and
 never count as foreign files.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 MANIFEST = ".moe-merge-output.json"  # {"files": [names]} of the last output written into the directory
 LOCK = ".moe.lock"  # held by the job writing the directory (merge or training run)
-STAGE_PREFIX, STAGE_SUFFIX = ".merge-", ".tmp"  # staging directories inside an output (merging.io, write_staged)
+STAGE_PREFIX, STAGE_SUFFIX = ".merge-", ".tmp"  # staging directories inside an output (io, write_staged)
 
 
 def _own(name: str) -> bool:

@@ -2,7 +2,7 @@
 
 ``MoEAdapter`` loads, builds and runs the model (DivMerge: any configuration) and describes its units (PLeaS); as
 ``merging.protocols.TaskAdapter`` it also evaluates, searches on, measures and writes models for ``python -m merging``
-(its ``data`` node: ``moe.config.DataConfig`` fields). ``unlabeled_batches`` turns a ``moe.data`` split into
+(its ``data`` node: ``moe.config.DataConfig`` fields). ``unlabeled_batches`` turns a ``moe.data.tasks`` split into
 unlabeled input batches.
 
 PLeaS units, on the canonical form (each RMSNorm gain folded into the maps that read the normalised stream, gains
@@ -38,19 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merging.io import Checkpoint as Reader
 from merging.protocols import Group, Layer, Layout, Spec
 from moe.config import DataConfig, ModelConfig, PyCodeConfig, RouterConfig
-from moe.data import ALL_TASKS, PAD, SEP, TaskSplit, build_splits
-from moe.evaluate import evaluate_tasks
-from moe.export import Checkpoint, _from_dict, export_model, load_weights_into, read_config
-from moe.model import MoETransformer, apply_rope
+from moe.data.tasks import ALL_TASKS, PAD, SEP, TaskSplit, build_splits
+from moe.export import LoadedCheckpoint, _from_dict, export_model, load_weights_into, read_config
+from moe.nn.model import MoETransformer, apply_rope
+from moe.train.evaluate import evaluate_tasks
+from moe_merge_common.io import Checkpoint
 
 
-def architecture(path: str | os.PathLike, ck: Reader | None = None) -> tuple[ModelConfig, RouterConfig]:
+def architecture(path: str | os.PathLike, ck: Checkpoint | None = None) -> tuple[ModelConfig, RouterConfig]:
     """The configs of the model a checkpoint holds: ``config.json`` beside the weights, else the checkpoint's
     hyper-parameters."""
-    ck = ck if ck is not None else Reader(path)
+    ck = ck if ck is not None else Checkpoint(path)
     if (ck.folder / "config.json").is_file():
         return read_config(ck.folder / "config.json")
     if ck.hparams.get("model"):
@@ -70,14 +70,14 @@ def model_bytes(model_cfg: ModelConfig, router_cfg: RouterConfig) -> int:
 def load_any(path: str | os.PathLike) -> MoETransformer:
     """Any checkpoint ``merging`` reads (export or sharded directories, safetensors, Lightning ``.ckpt``) as a model:
     the architecture from ``config.json`` beside the weights, else from the checkpoint's hyper-parameters. A model
-    too large for the memory available is refused before it is built (``merging.resources.check_memory``)."""
-    from merging.resources import check_memory
+    too large for the memory available is refused before it is built (``moe_merge_common.resources.check_memory``)."""
+    from moe_merge_common.resources import check_memory
 
-    ck = Reader(path)
+    ck = Checkpoint(path)
     model_cfg, router_cfg = architecture(path, ck)
     check_memory(model_bytes(model_cfg, router_cfg), f"{path}: the model its config declares")
     model = MoETransformer(model_cfg, router_cfg)
-    load_weights_into(model, Checkpoint(Path(path), {n: ck.read(n) for n in ck.names}, model_cfg))
+    load_weights_into(model, LoadedCheckpoint(Path(path), {n: ck.read(n) for n in ck.names}, model_cfg))
     return model.eval()
 
 

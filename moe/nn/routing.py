@@ -19,7 +19,7 @@ Selection may use an auxiliary-loss-free ``bias`` (DeepSeek-V3; used to choose e
 and group-limited routing (``n_group``/``topk_group``). Ties go to the lower expert id.
 
 ``route_fused`` gives the same result from one pass of the fused kernel, for softmax or sigmoid scores without
-score options or group limits (``moe.routers.TopKRouter`` picks between the two).
+score options or group limits (``moe.nn.routers.TopKRouter`` picks between the two).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from functools import cached_property
 import torch
 
 from moe import kernels
-from moe.gating import score as apply_score
-from moe.losses import balance_loss, load_balancing_loss, router_z_loss, z_loss_from_lse
+from moe.nn.gating import score as apply_score
+from moe.nn.losses import balance_loss, load_balancing_loss, router_z_loss, z_loss_from_lse
 
 ORDERS = ("score_then_topk", "topk_then_score")
 
@@ -257,7 +257,7 @@ def route(
 ) -> RoutingResult:
     """Route ``[T, E]`` logits to k experts per token and compute the load-balancing and z losses.
 
-    score: a name in ``moe.gating.SCORE_FUNCTIONS`` (``score_kw`` go to it). bias ``[E]``: added to the scores for
+    score: a name in ``moe.nn.gating.SCORE_FUNCTIONS`` (``score_kw`` go to it). bias ``[E]``: added to the scores for
     selection only. scaling: multiplies the final weights (DeepSeek-V3 ``routed_scaling_factor``). The aux loss
     uses the scores normalised to a distribution, and counts all k choices (``seq_len`` is needed by the
     "sequence" aux mode). reduce_counts: ``counts [E] -> counts summed over the data-parallel group`` (a
@@ -343,7 +343,7 @@ def route_fused(
     T, E = _check_args(logits, k, order, bias)
     reason = fused_applies(score, order, bias is not None)
     if reason is not None:
-        raise ValueError(f"route_fused: the fused kernel does not cover {reason}; use moe.routing.route")
+        raise ValueError(f"route_fused: the fused kernel does not cover {reason}; use moe.nn.routing.route")
     logits32 = logits.float()
     faults = _check(logits32, bias, check, defer)
     if score != "sigmoid":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.data import ALL_TASKS, TaskSplit
+from moe.data.tasks import ALL_TASKS, TaskSplit
 
 
 def target_loss_and_correct(

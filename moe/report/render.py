@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe import plots
+from moe.report import plots
 
 # picture name, the logged keys it draws, its y label
 CURVES = (("loss", ("train/loss", "val/loss"), "loss"),
@@ -139,7 +139,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Error: {what}\nHint: python -m moe.report RUN_DIR, where RUN_DIR holds routing/stats.jsonl from "
               "python train.py", file=sys.stderr)  # fmt: skip
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from merging.outputs import STAGE_PREFIX, STAGE_SUFFIX, replace_previous, write_manifest
-from merging.registry import row_view_shape as row_shape
+from moe_merge_common.outputs import STAGE_PREFIX, STAGE_SUFFIX, replace_previous, write_manifest
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -61,6 +60,15 @@ ST_DTYPES = {
     "BOOL": torch.bool,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def row_shape(shape) -> tuple[int, int]:
+    """``[R, C]`` for a tensor shape: C = last dim (ndim >= 2); a vector or scalar is one row."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, int(shape[0])
+    return math.prod(shape[:-1]), int(shape[-1])
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -301,8 +309,8 @@ class Checkpoint:
 
     def _open_lora(self, path: str | os.PathLike, base: Checkpoint | None) -> bool:
         """A PEFT LoRA adapter directory (given ``base``) or mergekit's ``BASE+ADAPTER`` reference: the base's tensors
-        plus ``scale * B @ A`` on the adapter's modules (``merging.lora``). False for any other path."""
-        from merging import lora
+        plus ``scale * B @ A`` on the adapter's modules (``moe_merge_common.lora``). False for any other path."""
+        from moe_merge_common import lora
 
         pair = lora.split_reference(path)
         if pair is not None:
@@ -352,7 +360,7 @@ def parse_size(size: int | str, key: str = "shard_size") -> int:
     return value
 
 
-OWNER = "owner.json"  # in a staging directory (merging.outputs.STAGE_PREFIX ... STAGE_SUFFIX): its process
+OWNER = "owner.json"  # in a staging directory (moe_merge_common.outputs.STAGE_PREFIX ... STAGE_SUFFIX): its process
 
 
 def remove_stale_stages(out: Path) -> list[Path]:
@@ -390,7 +398,8 @@ class ShardedWriter:
     Every shard's header, and so every tensor's byte range, is fixed up front: ``write(name, chunk)`` appends the
     next bytes of one tensor at its own position, so different tensors may be written in any order and from
     several threads (each tensor's chunks in order, from one thread). ``commit`` checks that every byte arrived and
-    moves the staged files into ``out`` (replacing the earlier output there as a whole: ``merging.outputs``, whose
+    moves the staged files into ``out`` (replacing the earlier output there as a whole:
+    ``moe_merge_common.outputs``, whose
     manifest it writes); ``abort`` (or any
     failure) removes the staging directory, so an interrupted merge never leaves a partial output.
     """

@@ -13,6 +13,7 @@ import os
 import sys
 import typing
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,38 @@ class CleanErrors(Callback):
             if os.environ.get("RANK", "0") == "0":
                 print(f"Error: {one_line(error)}\nHint: {self.hint}", file=sys.stderr, flush=True)
             raise SystemExit(1)
+
+
+def unknown_keys(cfg: Any, prefix: str = "") -> Iterator[str]:
+    """Keys of ``cfg`` (a schema instance from ``OmegaConf.to_object``) that its schema does not declare.
+
+    Hydra's ``+key=value`` adds a key with the struct flag lifted, and ``OmegaConf.to_object`` then sets it as a
+    plain attribute of the dataclass, where nothing reads it (``+model.d_modle=64`` would train the default model).
+    """
+    if not dataclasses.is_dataclass(cfg):
+        return
+    declared = {f.name for f in dataclasses.fields(cfg)}
+    for name in vars(cfg):
+        if name not in declared:
+            yield f"{prefix}{name} (not in {type(cfg).__name__})"
+    for f in dataclasses.fields(cfg):
+        yield from unknown_keys(getattr(cfg, f.name), f"{prefix}{f.name}.")
+
+
+def config_groups_listing(*groups: str) -> str:
+    """``${config_groups:model,router}``: Hydra's listing of these config groups and their options, for a help
+    template (``$APP_CONFIG_GROUPS`` would list every group in conf/, the other tool's included)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    return hydra.format_config_groups(lambda group: group in groups) if hydra else ""
+
+
+def register_resolver(name: str, resolver: Callable[..., Any]) -> None:
+    """Register an OmegaConf resolver under ``name`` (idempotent). OmegaConf 2.4 renamed ``register_new_resolver``
+    to ``register_resolver`` (2.3's ``register_resolver`` is the legacy one)."""
+    import omegaconf
+    from omegaconf import OmegaConf
+
+    new_api = tuple(int(x) for x in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+    (OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver)(name, resolver, replace=True)

@@ -2,7 +2,7 @@
 
 - ``MoELayer``: routed experts (token choice or expert choice), dropless by default or capacity-limited, plus
   optional shared experts and a PR-MoE residual branch.
-- ``SoftMoELayer`` (moe/soft_moe.py) and ``SMEARLayer`` (moe/smear.py): fully differentiable mixtures.
+- ``SoftMoELayer`` (moe/nn/soft_moe.py) and ``SMEARLayer`` (moe/nn/smear.py): fully differentiable mixtures.
 
 Every layer maps ``x [..., d] -> (y [..., d], RoutingResult)``.
 """
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import MoEConfig, RouterConfig
-from moe.dispatch import build_dispatcher
-from moe.experts import IMPLS as EXPERT_IMPLS
-from moe.experts import swiglu_experts
-from moe.routers import build_router
-from moe.routing import RoutingResult
+from moe.dispatch import Dispatcher, build_dispatcher
+from moe.nn.experts import IMPLS as EXPERT_IMPLS
+from moe.nn.experts import swiglu_experts
+from moe.nn.routers import build_router
+from moe.nn.routing import RoutingResult
 
 DROP_POLICIES = ("probability", "position")
 
@@ -44,8 +44,8 @@ class SwiGLUExperts(nn.Module):
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_SD: ``[S, d]`` rows sorted by expert, ``counts_E[e]`` rows for expert e. Returns ``[S, d]``.
 
-        ``moe.experts.swiglu_experts``: grouped_mm, padded bmm or a per-expert loop; "auto" picks by the measured
-        rule of ``moe.experts.pick_impl`` (rows per expert, dtype, device).
+        ``moe.nn.experts.swiglu_experts``: grouped_mm, padded bmm or a per-expert loop; "auto" picks by the measured
+        rule of ``moe.nn.experts.pick_impl`` (rows per expert, dtype, device).
         """
         return swiglu_experts(x_SD, counts_E, self.w_gate, self.w_up, self.w_down, self.impl)
 
@@ -94,7 +94,8 @@ class MoELayer(nn.Module):
         self.residual = SwiGLU(d_model, d_ff) if moe.residual else None
         self.residual_coef = nn.Linear(d_model, 2) if moe.residual else None
         # router -> dispatcher -> experts; moe.parallel.expert_parallel swaps in the all-to-all dispatcher
-        self.dispatcher = build_dispatcher(router.kind, moe, num_experts)
+        self.dispatcher: Dispatcher = build_dispatcher(router.kind, moe, num_experts)
+        self.ep_groups = None  # moe.parallel.expert_parallel: this layer's expert-parallel groups once sharded
 
     def _routed(self, x_TD: torch.Tensor, r: RoutingResult) -> tuple[torch.Tensor, RoutingResult]:
         x_SD, counts_E, plan = self.dispatcher.dispatch(x_TD, r.plan)
@@ -124,11 +125,11 @@ def build_moe_layer(d_model: int, d_ff: int, num_experts: int, router: RouterCon
     if moe.kind == "sparse":
         return MoELayer(d_model, d_ff, num_experts, router, moe, causal)
     if moe.kind == "soft":
-        from moe.soft_moe import SoftMoELayer
+        from moe.nn.soft_moe import SoftMoELayer
 
         return SoftMoELayer(d_model, d_ff, num_experts, moe.slots_per_expert, causal)
     if moe.kind == "smear":
-        from moe.smear import SMEARLayer
+        from moe.nn.smear import SMEARLayer
 
         return SMEARLayer(d_model, d_ff, num_experts, router, moe.smear_route_on, causal)
     raise ValueError(f"model.moe.kind={moe.kind!r}: expected 'sparse', 'soft' or 'smear'")

@@ -3,8 +3,8 @@
 ROUTERS maps ``router.kind`` to a module class:
 
 - ``topk``: linear gate, any score function, optional jitter, aux-loss-free bias, group-limited routing. Softmax
-  and sigmoid scores without score options or groups run through the fused kernel (``moe.routing.route_fused``,
-  ``router.impl``), everything else through ``moe.routing.route``.
+  and sigmoid scores without score options or groups run through the fused kernel (``moe.nn.routing.route_fused``,
+  ``router.impl``), everything else through ``moe.nn.routing.route``.
 - ``noisy_topk``: Shazeer et al. 2017, ``H = x W_g + N(0,1) * softplus(x W_noise)`` (training), KeepTopK, softmax,
   with the importance and load losses.
 - ``gumbel``: Gumbel-softmax gating, ``softmax((l + g) / tau)``, optionally straight-through hard; tau annealed
@@ -15,16 +15,17 @@ ROUTERS maps ``router.kind`` to a module class:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe.config import RouterConfig
-from moe.gating import SCORE_FUNCTIONS, update_expert_bias
 from moe.kernels import MAX_EXPERTS
-from moe.losses import cv_squared, importance_loss, load_balancing_loss, router_z_loss
-from moe.routing import (
+from moe.nn.gating import SCORE_FUNCTIONS, update_expert_bias
+from moe.nn.losses import cv_squared, importance_loss, load_balancing_loss, router_z_loss
+from moe.nn.routing import (
     RouterAux,
     RoutingPlan,
     RoutingResult,
@@ -62,14 +63,43 @@ def check_in_training(router: nn.Module, logits_TE: torch.Tensor) -> tuple[str, 
     return None
 
 
-class TopKRouter(nn.Module):
-    """Linear gate ``x @ W^T`` in fp32, then ``moe.routing.route_fused`` (the fused kernel, ``router.impl``) where it
-    covers the configured score and options (``fused_reason``), else ``moe.routing.route``."""
+class Router(nn.Module):
+    """What every router offers the MoE layer, the model, the parallel code and the callbacks.
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+    - ``forward(x_TD, seq_len=None) -> RoutingResult``;
+    - ``reduce_counts``: ``counts_E -> counts_E`` summed over the data-parallel ranks, installed from outside by
+      ``moe.parallel.expert_parallel`` (None on one device), so losses, the bias and statistics see the global load;
+    - ``layer_name``: the module path named in errors (``MoETransformer`` sets it);
+    - ``defer_checks``: in training, count non-finite logits on the device and raise once per step
+      (``moe.nn.routing.raise_router_faults``; the LightningModule sets it) instead of one sync per layer;
+    - ``anneal(step)`` and ``update_bias()``: the step-driven state (``moe.callbacks.RouterScheduleCallback``);
+      no-ops for routers without one.
+    """
+
+    def __init__(self, num_experts: int, cfg: RouterConfig):
         super().__init__()
         _check(cfg, num_experts)
         self.cfg, self.num_experts = cfg, num_experts
+        self.reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.layer_name = "router"
+        self.defer_checks = False
+
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
+        raise NotImplementedError
+
+    def anneal(self, step: int) -> None:
+        """Set the state that follows the optimizer step (Gumbel's temperature)."""
+
+    def update_bias(self) -> None:
+        """Apply the aux-loss-free bias rule to the load counted since the last call."""
+
+
+class TopKRouter(Router):
+    """Linear gate ``x @ W^T`` in fp32, then ``moe.nn.routing.route_fused`` (the fused kernel, ``router.impl``) where it
+    covers the configured score and options (``fused_reason``), else ``moe.nn.routing.route``."""
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+        super().__init__(num_experts, cfg)
         self.weight = nn.Parameter(torch.randn(num_experts, d_model) * cfg.init_std)
         self.score_kwargs = dict(cfg.score_kwargs)
         if cfg.learn_ssmax_s:
@@ -79,12 +109,6 @@ class TopKRouter(nn.Module):
         # Auxiliary-loss-free bias: a buffer (not a parameter), moved by the sign rule in update_bias().
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.register_buffer("pending_counts", torch.zeros(num_experts), persistent=False)
-        # counts [E] -> counts summed over the data-parallel group; installed by moe.parallel, None on one device
-        self.reduce_counts = None
-        self.layer_name = "router"  # named in errors; MoETransformer sets the module path
-        # Non-finite logits in training: refused in the forward (one device sync per layer), or, when the training
-        # loop sets this, counted on the device and raised once per step (moe.routing.raise_router_faults)
-        self.defer_checks = False
         reason = self.fused_reason()
         if cfg.impl == "triton" and reason is not None:
             raise ValueError(f"router.impl=triton: the fused router does not cover {reason}; use router.impl=auto")
@@ -137,20 +161,15 @@ class TopKRouter(nn.Module):
             self.pending_counts.zero_()
 
 
-class NoisyTopKRouter(nn.Module):
+class NoisyTopKRouter(Router):
     """Noisy top-k gating (Shazeer et al. 2017); W_g and W_noise start at zero as in the paper."""
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
-        super().__init__()
-        _check(cfg, num_experts)
+        super().__init__(num_experts, cfg)
         if cfg.k >= num_experts and cfg.load_loss_coef > 0:
             raise ValueError("router.load_loss_coef > 0 needs router.k < model.num_experts (no k+1-th expert)")
-        self.cfg, self.num_experts = cfg, num_experts
         self.w_gate = nn.Parameter(torch.zeros(num_experts, d_model))
         self.w_noise = nn.Parameter(torch.zeros(num_experts, d_model))
-        self.reduce_counts = None  # see TopKRouter
-        self.layer_name = "router"
-        self.defer_checks = False  # see TopKRouter
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg, E, k = self.cfg, self.num_experts, self.cfg.k
@@ -270,7 +289,7 @@ class ExpertChoiceRouter(TopKRouter):
         )
 
 
-ROUTERS: dict[str, type[nn.Module]] = {
+ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
     "noisy_topk": NoisyTopKRouter,
     "gumbel": GumbelRouter,
@@ -278,7 +297,7 @@ ROUTERS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_router(d_model: int, num_experts: int, cfg: RouterConfig) -> nn.Module:
+def build_router(d_model: int, num_experts: int, cfg: RouterConfig) -> Router:
     if cfg.kind not in ROUTERS:
         raise ValueError(f"router.kind={cfg.kind!r}: expected one of {sorted(ROUTERS)}")
     return ROUTERS[cfg.kind](d_model, num_experts, cfg)

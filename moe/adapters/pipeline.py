@@ -11,18 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 
 from rich.table import Table
 
-from merging.cli import table_console
 from moe.config import TrainConfig
 from moe.export import atomic_write
+from moe_merge_common.cli import table_console
 
 
 def _key(*parts) -> str:
-    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True,
+    blob = json.dumps([asdict(p) if is_dataclass(p) else p for p in parts], sort_keys=True,
                       default=str)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -31,8 +31,8 @@ def _trained(cfg: TrainConfig, out: Path) -> dict:
     """``run(cfg)`` into the cache entry ``out``, or its earlier results when ``out`` holds a finished run
     (results.json). The entry is locked while it trains: a second pipeline needing it at the same time is refused,
     naming the first one's pid, instead of training into the same directory."""
-    from merging.outputs import LOCK, output_lock
-    from moe.training import run
+    from moe.train.run import run
+    from moe_merge_common.outputs import LOCK, output_lock
 
     with output_lock(out, key="merge.cache_dir entry"):
         results = out / "results.json"
@@ -74,7 +74,7 @@ def run_pipeline(cfg: TrainConfig) -> dict:
     exports = [str(Path(r["safetensors"]).parent) for r in fine_tunes]
     base_export = str(Path(base["safetensors"]).parent)
     merge(base_export, exports, out / "merged", method=p.method, overwrite=True, progress=False, **dict(p.params))
-    from moe.merge_adapter import MoEAdapter
+    from moe.adapters.moe_adapter import MoEAdapter
 
     results, norm, _ = evaluate_paths(str(out / "merged"), base_export, exports, cfg.data, MoEAdapter(),
                                       list(p.tasks))  # fmt: skip

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from merging.patterns import compile_pattern
+from moe_merge_common.patterns import compile_pattern
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -72,7 +72,7 @@ def _read_config(file: Path) -> dict:
 
 def _pattern_value(patterns: dict, module: str, default, where: str):
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end of the module name
-    (RE2, ``merging.patterns``: linear time, whatever the adapter's config holds)."""
+    (RE2, ``moe_merge_common.patterns``: linear time, whatever the adapter's config holds)."""
     for key, value in patterns.items():
         if not isinstance(key, str):
             raise ValueError(f"{where}: key {key!r} is not a pattern (text)")
@@ -143,7 +143,8 @@ class LoraDelta:
 
 
 class LoraFile:
-    """An adapter read as a whole model over ``base`` (a ``merging.io.Checkpoint``): the entries of the base, with
+    """An adapter read as a whole model over ``base`` (a ``moe_merge_common.io.Checkpoint``): the entries of the
+    base, with
     ``read`` = the base's rows + the adapter's delta on the target modules (fp32 there; the base's own bytes
     elsewhere)."""
 

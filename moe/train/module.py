@@ -15,11 +15,12 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from moe.config import ModelConfig, OptimConfig, RouterConfig
-from moe.data import ALL_TASKS
-from moe.evaluate import target_loss_and_correct
-from moe.losses import router_loss
-from moe.model import MoETransformer
-from moe.routing import raise_router_faults
+from moe.data.tasks import ALL_TASKS
+from moe.nn.losses import router_loss
+from moe.nn.model import MoETransformer
+from moe.nn.routers import Router
+from moe.nn.routing import raise_router_faults
+from moe.train.evaluate import target_loss_and_correct
 
 _ADAMW_KWARGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
 OPTIM_IMPLS = ("auto", *_ADAMW_KWARGS)
@@ -45,11 +46,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class MoELitModule(L.LightningModule):
-    """Target-token cross-entropy plus the router losses (``moe.losses.router_loss``).
+    """Target-token cross-entropy plus the router losses (``moe.nn.losses.router_loss``).
 
     objective "tasks" (the embedded multi-task data): validation logs ``val/acc/<task>``, ``val/mean_accuracy``,
     ``val/mean_accuracy_trained`` (over the evaluated tasks in ``train_tasks``) and ``val/loss``. objective "lm"
-    (byte-level text, ``moe.pycode``): ``val/bpb/<domain>``, ``val/bpb`` and ``val/loss`` (bits per byte = nats /
+    (byte-level text, ``moe.data.pycode``): ``val/bpb/<domain>``, ``val/bpb`` and ``val/loss`` (bits per byte = nats /
     ln 2; every scored token is one byte). ``task_names``: what a batch's ``task_id`` indexes.
     """
 
@@ -72,7 +73,7 @@ class MoELitModule(L.LightningModule):
         )
         self.model = MoETransformer(model, router)
         for m in self.model.modules():  # non-finite router logits: raised once per step, not one sync per layer
-            if hasattr(m, "defer_checks"):
+            if isinstance(m, Router):
                 m.defer_checks = True
         self.router_cfg, self.optim_cfg, self.max_steps = router, optim, max_steps
         self.task_names, self.objective = list(task_names or ALL_TASKS), objective

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import RouterConfig
-from moe.losses import load_balancing_loss, router_z_loss
-from moe.routing import RouterAux, RoutingPlan, RoutingResult
+from moe.nn.losses import load_balancing_loss, router_z_loss
+from moe.nn.routing import RouterAux, RoutingPlan, RoutingResult
 
 ROUTE_ON = ("token", "sequence")
 

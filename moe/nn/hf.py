@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from moe.config import MoEConfig, RouterConfig
-from moe.layers import MoELayer
+from moe.nn.layers import MoELayer
 
 
 def _config_fields(config) -> dict:
