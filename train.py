@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import TrainConfig, register_configs
+from moe.config import RENAMED, TrainConfig, register_configs
 from moe.train.checks import run_dir_holding_a_run
 from moe.train.run import adopt_launcher_env, configure_threads, run
 from moe_merge_common.cli import hydra_main_args, quiet_own_callbacks, refuse_unknown_overrides, run_cli
@@ -37,7 +37,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    refuse_unknown_overrides(TrainConfig, Path(__file__).parent / "conf", "python train.py --help lists every option")
+    refuse_unknown_overrides(TrainConfig, Path(__file__).parent / "conf", "python train.py --help lists every option",
+                             renamed=RENAMED)  # fmt: skip
     if (refusal := run_dir_holding_a_run(sys.argv[1:])) is not None:
         sys.exit(f"Error: {refusal}")
     run_cli(main)

@@ -32,10 +32,10 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 from benchmarks.timing import load_average, wait_quiet  # noqa: E402
 from moe.config import register_configs  # noqa: E402
+from moe.data import build_datamodule  # noqa: E402
 from moe.nn.layers import MoELayer, SwiGLUExperts  # noqa: E402
 from moe.nn.model import CausalSelfAttention  # noqa: E402
 from moe.train.module import MoELitModule  # noqa: E402
-from moe.train.run import build_datamodule  # noqa: E402
 
 PARTS = ("router", "dispatch", "experts", "attention", "optimizer")
 CONF = Path(__file__).resolve().parents[1] / "conf"

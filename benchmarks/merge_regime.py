@@ -155,7 +155,8 @@ class Scorer:
         from moe.adapters.pycode_adapter import PyCodeAdapter
         from moe.config import DataConfig
 
-        self.adapter, self.data = PyCodeAdapter(), DataConfig(kind="pycode", pycode=data_cfg(size, None, list(targets)))
+        self.adapter = PyCodeAdapter()
+        self.data = DataConfig(_target_="moe.data.pycode.PyCodeDataModule", pycode=data_cfg(size, None, list(targets)))
         self.dm = self.adapter.datamodule(self.data)  # every domain's training text: the models train on it
         self.cache: dict[tuple, dict[str, float]] = {}
 

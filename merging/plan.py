@@ -180,10 +180,13 @@ def plan(
             e.rows.append(min(row_shape(ms)[0], row_shape(shape)[0]))
         if mismatches:
             continue
+        if math.prod(shape) == 0:  # nothing to merge or walk: the base's (empty) tensor as it is
+            e.units = [Unit(name, name, 0, 0, shape, "copy", -1)]
+            entries.append(e)
+            continue
         R, _ = row_shape(shape)
         copy = (
             not dtype.is_floating_point
-            or math.prod(shape) == 0  # nothing to merge: the base's (empty) tensor as it is
             or (vectors == "base" and len(shape) <= 1)
             or (vocab == "base" and any(m.shape(s) != shape for m, s in zip(models, e.sources)))
         )

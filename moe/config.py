@@ -86,6 +86,8 @@ class ModelConfig:
     # match on the previous token, which induction-style tasks (lookup, count) need.
     token_shift: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # the model class built from (model, router) (moe.train.module.build_model); conf/model/*.yaml set it
+    _target_: str = "moe.nn.model.MoETransformer"
 
 
 @dataclass
@@ -136,8 +138,10 @@ class DataConfig:
     seed: int = 1234
     batch_size: int = 128
     num_workers: int = 0
-    kind: str = "multitask"  # "multitask" (these fields) | "pycode" (the stdlib byte-level LM: data.pycode)
-    pycode: PyCodeConfig = field(default_factory=PyCodeConfig)
+    pycode: PyCodeConfig = field(default_factory=PyCodeConfig)  # data=pycode's settings
+    # the LightningDataModule class built from this node (``from_config(data)``, moe.data.TrainData): the embedded
+    # tasks (these fields) or moe.data.pycode.PyCodeDataModule (data.pycode); conf/data/*.yaml set it
+    _target_: str = "moe.data.tasks.MultiTaskDataModule"
 
 
 @dataclass
@@ -251,3 +255,7 @@ def register_configs() -> None:
     register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+
+
+# Keys that were renamed: train.py names the replacement when an old spelling is given on the command line
+RENAMED = {"data.kind": "data=multitask or data=pycode (data._target_ names the data module class)"}

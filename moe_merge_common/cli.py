@@ -51,7 +51,8 @@ def schema_keys(schema: type, prefix: str = "") -> tuple[set[str], set[str]]:
     return keys, open_
 
 
-def unknown_overrides(schema: type, argv: list[str], groups: set[str] = frozenset()) -> list[str]:
+def unknown_overrides(schema: type, argv: list[str], groups: set[str] = frozenset(),
+                      renamed: dict[str, str] | None = None) -> list[str]:  # fmt: skip
     """The ``key=value`` command-line overrides whose key the schema does not have, each with the closest valid
     keys (``model.d_modle (did you mean model.d_model?)``). Hydra's own refusal suggests appending the key with
     ``+``, which the schema refuses in turn; this check runs first. Config group choices (``groups``:
@@ -65,6 +66,9 @@ def unknown_overrides(schema: type, argv: list[str], groups: set[str] = frozense
         if key in groups or key == "hydra" or key.startswith("hydra.") or key in keys or any(
                 key.startswith(f"{p}.") for p in open_):  # fmt: skip
             continue
+        if renamed and key in renamed:  # an old spelling: name its replacement
+            bad.append(f"{key} (renamed: use {renamed[key]})")
+            continue
         close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
         bad.append(f"{key} (did you mean {' or '.join(close)}?)" if close else key)
     return bad
@@ -77,10 +81,10 @@ def config_groups(conf_dir: str | os.PathLike) -> set[str]:
 
 
 def refuse_unknown_overrides(schema: type, conf_dir: str | os.PathLike, hint: str,
-                             argv: list[str] | None = None) -> None:  # fmt: skip
+                             argv: list[str] | None = None, renamed: dict[str, str] | None = None) -> None:  # fmt: skip
     """Exit with ``Error: ...`` and ``Hint: ...`` (status 1, as Hydra's refusals) when ``unknown_overrides``
-    finds any; before Hydra starts, so its misleading hint is never printed."""
-    bad = unknown_overrides(schema, sys.argv[1:] if argv is None else argv, config_groups(conf_dir))
+    finds any; before Hydra starts, so its misleading hint is never printed. ``renamed``: old key -> what to use."""
+    bad = unknown_overrides(schema, sys.argv[1:] if argv is None else argv, config_groups(conf_dir), renamed)
     if bad:
         print(f"Error: unknown config key(s): {'; '.join(bad)}\nHint: {hint}", file=sys.stderr)
         sys.exit(1)

@@ -81,6 +81,16 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 MAX_DIMS, MAX_DIM = 16, 1 << 40  # far beyond any model's tensor; an adversarial header is refused before use
 
 
+def check_shape_bounds(shape, where: str) -> None:
+    """Refuse a shape with more than ``MAX_DIMS`` dimensions, or whose dimensions, or the product of its nonzero
+    ones, exceed ``MAX_DIM``: a zero-byte tensor may still claim 10^18 rows, and code that walks its rows would
+    spin (the largest tensors of today's models hold about 2^31 elements)."""
+    nonzero = math.prod(d for d in shape if d) if shape else 1
+    if len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape) or nonzero > MAX_DIM:
+        raise ValueError(f"{where}: shape {list(shape)} is out of bounds (at most {MAX_DIMS} dimensions, each and "
+                         f"the product of the nonzero ones at most {MAX_DIM})")  # fmt: skip
+
+
 def _entry(path: Path, name: str, e) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
     """(dtype, shape, data offsets) of one header entry, refused unless well-formed (the safetensors rules)."""
     where = f"{path}: tensor {name!r}"
@@ -92,9 +102,7 @@ def _entry(path: Path, name: str, e) -> tuple[torch.dtype, tuple[int, ...], tupl
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):  # fmt: skip
         raise ValueError(f"{where}: shape {shape} is not a list of non-negative integers")
-    if len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape):  # a zero-byte tensor may still claim 10^18 rows
-        raise ValueError(f"{where}: shape {shape} is out of bounds (at most {MAX_DIMS} dimensions of at most "
-                         f"{MAX_DIM} each)")  # fmt: skip
+    check_shape_bounds(shape, where)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
                                                                      for o in offsets)):  # fmt: skip
         raise ValueError(f"{where}: data_offsets {offsets} is not two integers")
@@ -197,6 +205,7 @@ def dense_state(path: Path, state) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: state dict key {k!r} is a {type(k).__name__}, expected a tensor name (str)")
         if not torch.is_tensor(v):
             raise ValueError(f"{path}: {k!r} is a {type(v).__name__}, expected a tensor")
+        check_shape_bounds(tuple(v.shape), f"{path}: tensor {k!r}")
         if v.layout != torch.strided or v.is_quantized or v.is_meta:
             kind = "meta" if v.is_meta else "quantized" if v.is_quantized else str(v.layout).removeprefix("torch.")
             raise ValueError(f"{path}: tensor {k!r} is {kind}; expected dense tensors holding their values (save "
@@ -266,7 +275,7 @@ class Checkpoint:
                     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                                    for k, v in weight_map.items()):  # fmt: skip
                         raise TypeError("weight_map must map tensor names to shard file names (strings)")
-                except (KeyError, TypeError, json.JSONDecodeError) as e:  # TypeError: a list, a number, ...
+                except (KeyError, TypeError, ValueError, RecursionError) as e:  # a list, a number, bad UTF-8, ...
                     raise ValueError(f"{p / INDEX_NAME}: not a safetensors index ({e})") from e
                 outside = [f for f in set(map(str, weight_map.values()))
                            if Path(f).is_absolute() or not (p / f).resolve().is_relative_to(p.resolve())]  # fmt: skip

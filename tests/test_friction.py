@@ -99,11 +99,12 @@ def test_no_avoidable_warnings(smoke):
     ("trainer.gradient_clip_val=nan", r"trainer.gradient_clip_val=nan: expected a finite value >= 0"),
     ("data.val_per_task=0", r"data.val_per_task=0: expected >= 1 \(the final evaluation"),
     ("data.train_per_task=0", r"data.train_per_task=0: expected >= 1"),
-    ("data.batch_size=0", r"data.batch_size=0, data.pycode.batch_size=32: expected >= 1"),
+    ("data.batch_size=0", r"data.batch_size=0: expected >= 1"),
+    ("data=pycode data.pycode.batch_size=0", r"data.pycode.batch_size=0: expected >= 1"),
 ])  # fmt: skip
 def test_unsafe_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        check_train_config(compose_train([override]))
+        check_train_config(compose_train(override.split()))
 
 
 @pytest.mark.slow

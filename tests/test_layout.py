@@ -4,9 +4,17 @@ every module and names only paths that exist."""
 
 import ast
 import importlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+
+from moe.data.tasks import MultiTaskDataModule
+from moe.train.checks import check_train_config
+from moe.train.run import run
+
+from .test_configs import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("moe", "merging", "moe_merge_common")
@@ -90,3 +98,30 @@ def test_interfaces_are_declared_in_code_and_nothing_probes_for_them():
     assert build_router(8, 4, RouterConfig(k=2))(x).plan.ids_TK.shape == (3, 2)
     probes = [str(p.relative_to(ROOT)) for p in (ROOT / "moe").rglob("*.py") if "hasattr(" in p.read_text()]
     assert probes == [], probes
+
+
+class TwoTasks(MultiTaskDataModule):
+    """The embedded data trained on copy and sort only: a data module added by a class and ``data._target_``."""
+
+    built: list = []
+
+    @classmethod
+    def from_config(cls, cfg):
+        cls.built.append(cls(replace(cfg, tasks=["copy", "sort"])))
+        return cls.built[-1]
+
+
+def test_model_and_data_are_built_from_their_target(tmp_path):
+    cfg = compose_train(["experiment=smoke", "trainer.max_steps=2", f"output_dir={tmp_path}",
+                         "data._target_=tests.test_layout.TwoTasks",
+                         "model._target_=moe.nn.model.MoETransformer"])  # fmt: skip
+    results = run(cfg)
+    hparams = torch.load(tmp_path / "checkpoints" / "final.ckpt", weights_only=True)["hyper_parameters"]
+    assert set(results["tasks"]) == set(cfg.data.tasks)  # evaluated on every task (eval_tasks: all)
+    assert TwoTasks.built and TwoTasks.built[-1].train_tasks == ["copy", "sort"]
+    assert hparams["model"]["_target_"] == "moe.nn.model.MoETransformer"
+    for key, value, match in (("data._target_", "tests.test_layout.Nowhere", r"data._target_=.*not an importable"),
+                              ("data._target_", "torch.nn.Linear", r"expected a LightningDataModule class"),
+                              ("model._target_", "moe.data.tasks.Vocab", r"expected a torch.nn.Module class")):
+        with pytest.raises(ValueError, match=match):
+            check_train_config(compose_train(["experiment=smoke", f"{key}={value}"]))

@@ -354,7 +354,7 @@ def test_bits_per_byte(fake_root):
 
 def test_yaml_mirrors_the_config():
     node = OmegaConf.load(CONF / "data" / "pycode.yaml")
-    assert node.kind == "pycode"
+    assert node._target_ == "moe.data.pycode.PyCodeDataModule"
     merged = OmegaConf.merge(OmegaConf.structured(PyCodeConfig), node.pycode)
     assert OmegaConf.to_object(merged) == PyCodeConfig()
     assert set(node.pycode) == set(OmegaConf.structured(PyCodeConfig))

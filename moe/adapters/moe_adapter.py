@@ -86,6 +86,9 @@ def data_config(data: DataConfig | Mapping | None) -> DataConfig:
     if data is None or isinstance(data, DataConfig):
         return data or DataConfig()
     data = dict(data)
+    if "kind" in data:  # before data._target_ (issue 21)
+        raise ValueError(f"data.kind={data['kind']!r}: renamed; use data._target_=moe.data.tasks.MultiTaskDataModule "
+                         "or moe.data.pycode.PyCodeDataModule")  # fmt: skip
     if isinstance(data.get("pycode"), Mapping):
         data["pycode"] = PyCodeConfig(**data["pycode"])
     try:

@@ -1,4 +1,4 @@
-"""``merging``'s ``TaskAdapter`` for the stdlib byte-level LM (``data.kind=pycode``, ``moe.data.pycode``).
+"""``merging``'s ``TaskAdapter`` for the stdlib byte-level LM (``data=pycode``, ``moe.data.pycode``).
 
 Scores are bits per byte per domain, lower is better: compare a merge with the gain share
 (``merging.search.gain_share``), which does not depend on the score's direction, not with ``eval=true``'s ratio
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moe.adapters.moe_adapter import MoEAdapter, data_config
+from moe.data import data_class
 from moe.data.pycode import DOMAINS, PyCodeDataModule, evaluate_bits_per_byte, gather_windows
 
 
@@ -28,8 +29,9 @@ class PyCodeAdapter(MoEAdapter):
     def datamodule(self, data) -> PyCodeDataModule:
         """The set-up data module of ``data`` (a ``DataConfig`` or its dict form), built once per configuration."""
         cfg = data_config(data)
-        if cfg.kind != "pycode":
-            raise ValueError(f"data.kind={cfg.kind!r}: PyCodeAdapter reads data.kind=pycode")
+        if not issubclass(data_class(cfg), PyCodeDataModule):
+            raise ValueError(f"data._target_={cfg._target_!r}: PyCodeAdapter reads data=pycode "
+                             "(moe.data.pycode.PyCodeDataModule)")  # fmt: skip
         key = repr(cfg.pycode)
         if key not in self._modules:
             dm = PyCodeDataModule(cfg.pycode)

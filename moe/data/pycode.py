@@ -292,9 +292,23 @@ def _identity(batch):
 
 
 class PyCodeDataModule(L.LightningDataModule):
-    """``dm.vocab.size`` (257) and ``dm.seq_len`` are what the model needs, as for ``MultiTaskDataModule``."""
+    """``data=pycode`` (``moe.data.TrainData``, objective "lm"): ``dm.vocab.size`` (257) and ``dm.seq_len`` are
+    what the model needs, as for ``MultiTaskDataModule``; built from ``data.pycode``."""
 
+    objective = "lm"
     task_names = list(DOMAINS)  # task_id indexes this list
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        validate_pycode_config(cfg.pycode)
+
+    @classmethod
+    def from_config(cls, cfg) -> PyCodeDataModule:
+        return cls(cfg.pycode)
+
+    @property
+    def train_tasks(self) -> list[str] | None:
+        return list(self.cfg.domains) if self.cfg.domains else None
     class_names = list(CLASS_NAMES)  # what token_classes returns indexes this list (routing heatmaps)
 
     def __init__(self, cfg: PyCodeConfig):

@@ -130,6 +130,12 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.lookup_pairs={cfg.lookup_pairs}: expected 1..num_symbols ({cfg.num_symbols})")
     if cfg.add_digits < 1:
         raise ValueError(f"data.add_digits={cfg.add_digits}: expected >= 1")
+    if cfg.train_per_task < 1:
+        raise ValueError(f"data.train_per_task={cfg.train_per_task}: expected >= 1")
+    if cfg.val_per_task < 1:
+        raise ValueError(f"data.val_per_task={cfg.val_per_task}: expected >= 1 (the final evaluation needs examples)")
+    if cfg.batch_size < 1:
+        raise ValueError(f"data.batch_size={cfg.batch_size}: expected >= 1")
 
 
 def max_example_len(cfg: DataConfig) -> int:
@@ -279,7 +285,22 @@ class ResumableDataLoader(DataLoader):
 
 
 class MultiTaskDataModule(L.LightningDataModule):
+    """The embedded tasks (``data=multitask``, ``moe.data.TrainData``): ``objective`` "tasks"."""
+
+    objective = "tasks"
     task_names = list(ALL_TASKS)  # task_id indexes this list (routing statistics)
+
+    @classmethod
+    def check_config(cls, cfg: DataConfig) -> None:
+        validate_data_config(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> MultiTaskDataModule:
+        return cls(cfg)
+
+    @property
+    def train_tasks(self) -> list[str]:
+        return list(self.cfg.tasks)
 
     def __init__(self, cfg: DataConfig):
         super().__init__()

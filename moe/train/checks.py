@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from moe.config import ModelConfig, TrainConfig, TrainerConfig
-from moe.train.module import OPTIM_IMPLS
+from moe.data import data_class
+from moe.train.module import OPTIM_IMPLS, model_class
 from moe_merge_common.cli import unknown_keys
 
 # Keys of a resumed run's config that must equal the checkpoint's: they shape the weights. (The trainer, the
@@ -64,14 +65,11 @@ def check_train_config(cfg: TrainConfig) -> None:
         (0 <= m.dropout < 1, f"model.dropout={m.dropout}: expected in [0, 1)"),
         (t.gradient_clip_val is None or math.isfinite(t.gradient_clip_val) and t.gradient_clip_val >= 0,
          f"trainer.gradient_clip_val={t.gradient_clip_val}: expected a finite value >= 0 (0 or null: no clipping)"),
-        (d.kind != "multitask" or d.train_per_task >= 1, f"data.train_per_task={d.train_per_task}: expected >= 1"),
-        (d.kind != "multitask" or d.val_per_task >= 1,
-         f"data.val_per_task={d.val_per_task}: expected >= 1 (the final evaluation needs examples)"),
-        (d.batch_size >= 1 and d.pycode.batch_size >= 1,
-         f"data.batch_size={d.batch_size}, data.pycode.batch_size={d.pycode.batch_size}: expected >= 1"),
     ):
         if not ok:
             raise ValueError(message)
+    data_class(d).check_config(d)  # the data module's own values (data._target_ names it)
+    model_class(m)  # model._target_ names an importable model class
 
 
 def strategy_target(tc: TrainerConfig) -> str:

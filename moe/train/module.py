@@ -11,13 +11,13 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from hydra.utils import get_class
 from torch import nn
 from torchmetrics import MeanMetric
 
 from moe.config import ModelConfig, OptimConfig, RouterConfig
 from moe.data.tasks import ALL_TASKS
 from moe.nn.losses import router_loss
-from moe.nn.model import MoETransformer
 from moe.nn.routers import Router
 from moe.nn.routing import raise_router_faults
 from moe.train.evaluate import target_loss_and_correct
@@ -43,6 +43,23 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+
+def model_class(model: ModelConfig) -> type[nn.Module]:
+    """The model class ``model._target_`` names: built as ``cls(model, router)``, its forward maps tokens
+    ``[B, S]`` to ``(logits [B, S, V], routing results per MoE layer)``, as ``moe.nn.model.MoETransformer``'s."""
+    try:
+        cls = get_class(model._target_)
+    except Exception as e:
+        raise ValueError(f"model._target_={model._target_!r}: not an importable class ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"model._target_={model._target_!r}: expected a torch.nn.Module class")
+    return cls
+
+
+def build_model(model: ModelConfig, router: RouterConfig) -> nn.Module:
+    return model_class(model)(model, router)
 
 
 class MoELitModule(L.LightningModule):
@@ -71,7 +88,7 @@ class MoELitModule(L.LightningModule):
         self.save_hyperparameters(
             {"model": asdict(model), "router": asdict(router), "optim": asdict(optim), "max_steps": max_steps}
         )
-        self.model = MoETransformer(model, router)
+        self.model = build_model(model, router)
         for m in self.model.modules():  # non-finite router logits: raised once per step, not one sync per layer
             if isinstance(m, Router):
                 m.defer_checks = True

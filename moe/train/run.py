@@ -26,10 +26,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.table import Table
 
 from moe.callbacks.run import RunState, ValidateAtLastStep
-from moe.config import DataConfig, TrainConfig, TrainerConfig
-from moe.data.tasks import MultiTaskDataModule
+from moe.config import TrainConfig, TrainerConfig
+from moe.data import build_datamodule
 from moe.export import atomic_write, export_model, load_checkpoint, load_weights_into
-from moe.nn.model import MoETransformer
 from moe.parallel.ds_checkpoint import is_deepspeed_checkpoint, read_client_state
 from moe.train.checks import (
     check_init_architecture,
@@ -40,7 +39,7 @@ from moe.train.checks import (
     strategy_target,
 )
 from moe.train.evaluate import evaluate_tasks
-from moe.train.module import MoELitModule
+from moe.train.module import MoELitModule, build_model
 from moe_merge_common.cli import CleanErrors, table_console
 from moe_merge_common.io import LIGHTNING_PREFIX
 
@@ -121,17 +120,6 @@ def accuracy_table(accs: dict[str, float], title: str, column: str | None = None
         table.add_row(task, f"{acc:.3f}")
     table.add_row("[bold]mean[/bold]", f"[bold]{sum(accs.values()) / len(accs):.3f}[/bold]")
     return table
-
-
-def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
-    """``data.kind``: the embedded multi-task data, or the stdlib byte-level LM (``moe.data.pycode``)."""
-    if cfg.kind == "multitask":
-        return MultiTaskDataModule(cfg)
-    if cfg.kind == "pycode":
-        from moe.data.pycode import PyCodeDataModule
-
-        return PyCodeDataModule(cfg.pycode)
-    raise ValueError(f"data.kind={cfg.kind!r}: expected 'multitask' or 'pycode'")
 
 
 def select_deepspeed_accelerator(tc: TrainerConfig) -> None:
@@ -239,12 +227,11 @@ def run(cfg: TrainConfig) -> dict:
             f"model.vocab_size={model_cfg.vocab_size}, model.max_seq_len={model_cfg.max_seq_len}: the data needs "
             f">= {dm.vocab.size} and >= {dm.seq_len}"
         )
-    lm = cfg.data.kind == "pycode"
     module = MoELitModule(
         model_cfg, cfg.router, cfg.optim, cfg.trainer.max_steps, eval_tasks=dm.eval_tasks,
-        train_tasks=cfg.data.pycode.domains if lm else cfg.data.tasks, task_names=dm.task_names,
-        objective="lm" if lm else "tasks",
+        train_tasks=dm.train_tasks, task_names=dm.task_names, objective=dm.objective,
     )  # fmt: skip
+    lm = dm.objective == "lm"  # the final evaluation: bits per byte, or exact match per task
     if cfg.init_from:
         load_weights_into(module.model, init)
     init = None  # (its weights: Lightning loads a resumed run's checkpoint itself)
@@ -268,7 +255,7 @@ def run(cfg: TrainConfig) -> dict:
         state = full_model_state(trainer)  # a collective under expert parallelism: every rank takes part
         if not trainer.is_global_zero:
             return {}
-        model = MoETransformer(model_cfg, cfg.router)
+        model = build_model(model_cfg, cfg.router)
         model.load_state_dict(state)
         model.to(trainer.strategy.root_device)
         if lm:
