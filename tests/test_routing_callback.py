@@ -199,3 +199,19 @@ def test_report_renders_pngs_and_summary_from_saved_stats(tmp_path):
     assert "| 0 | sparse | val |" in text and "![load_layer0.png](load_layer0.png)" in text
     trace = read_jsonl(tmp_path / "routing" / "trace.jsonl")
     assert len(trace) == 10 and all(len(r["experts"]) == 2 and abs(sum(r["weights"]) - 1) < 1e-5 for r in trace)
+    # the output policy: a second render replaces its own report as a whole; a directory with other files, or the
+    # run's own statistics directory, is refused and left as it was
+    (report.parent / "loss.png").unlink()
+    manifest = report.parent / ".moe-merge-output.json"  # an earlier report that also wrote stale.png
+    manifest.write_text(json.dumps({"files": [*json.loads(manifest.read_text())["files"], "stale.png"]}))
+    (report.parent / "stale.png").write_bytes(b"old")
+    render(tmp_path)
+    assert (report.parent / "loss.png").is_file() and not (report.parent / "stale.png").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"--out=.*mine: holds report.md, which no earlier output"):
+        render(tmp_path, mine)
+    assert (mine / "report.md").read_text() == "my notes" and len(list(mine.iterdir())) == 1
+    with pytest.raises(ValueError, match=r"--out=.*routing: holds the input"):
+        render(tmp_path, tmp_path / "routing")

@@ -62,11 +62,25 @@ def _save(fig, path: Path) -> str:
 
 
 def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the PNGs and ``report.md``; returns the report's path."""
+    """Write the PNGs and ``report.md`` into ``out`` (default ``RUN_DIR/report``) under the output policy
+    (``moe_merge_common.outputs``): a new or empty directory, or an earlier report of ours, replaced as a whole;
+    never one holding other files or the run's statistics. Returns the report's path."""
+    from moe_merge_common.outputs import check_output, output_lock, write_staged
+
     run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "report"
     rows = read_stats(run_dir)  # read (and refused) before anything is created
-    out.mkdir(parents=True, exist_ok=True)
+    target = check_output(out if out is not None else run_dir / "report", [run_dir / "routing" / "stats.jsonl"],
+                          overwrite=True, key="--out")  # fmt: skip
+    created = not target.exists()
+    try:
+        with output_lock(target, key="--out"):
+            return write_staged(target, lambda stage: _write_report(run_dir, rows, stage))
+    finally:
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+
+
+def _write_report(run_dir: Path, rows: list[dict], out: Path) -> Path:
     layers: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         if "layer" in r:
