@@ -34,7 +34,6 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
@@ -44,9 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from moe.config import PyCodeConfig
-
-if TYPE_CHECKING:
-    from moe.data.tasks import TaskSplit
+from moe.data.tasks import SplitDataset, TaskSplit
 
 # Top-level stdlib packages with >= ~40 KB of source on 3.10-3.13 that the routing heatmap shows as rows;
 # everything else is "other" (which must stay last).
@@ -260,10 +257,6 @@ class EpochSampler(Sampler[int]):
 
 def val_windows(corpus: ByteCorpus, seq_len: int, per_domain: int) -> TaskSplit:
     """Up to ``per_domain`` evenly spaced windows per segment (one BOS-padded window if the segment is short)."""
-    from moe.data.tasks import (
-        TaskSplit,  # not at the top: moe.config imports this module, and moe.data.tasks imports moe.config
-    )
-
     length = seq_len + 1
     tokens, masks, task_ids = [], [], []
     for d, a, b in zip(corpus.seg_domain.tolist(), corpus.seg_start.tolist(), corpus.seg_end.tolist()):
@@ -366,8 +359,6 @@ class PyCodeDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        from moe.data.tasks import SplitDataset
-
         return DataLoader(
             SplitDataset(self.val_split),
             batch_size=128,
