@@ -1,4 +1,4 @@
-"""python -m merging base=PATH models=[PATH,PATH] method=ties out=DIR [method.density=0.2] [eval=true]
+"""python -m merging base=PATH models=[PATH,PATH] method=ties out=DIR [method.params.density=0.2] [eval=true]
 
 Assemble an MoE from N fine-tunes instead: ... assemble.enabled=true [assemble.router_init=stats tasks=[sort,copy]]
 Data-aware: ... method=divmerge tasks=[sort,copy] | method=pleas models=[A,B] (no base)
@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from merging.config import DATA_AWARE, MergeConfig, register_configs
+from merging.config import DATA_AWARE, RENAMED, MergeConfig, register_configs
 from merging.merge import merge
 from moe_merge_common.cli import (
     USER_ERRORS,
@@ -58,7 +58,7 @@ def merge_data_aware(config: MergeConfig, adapter) -> Path:
     from moe_merge_common.io import Checkpoint
     from moe_merge_common.outputs import check_output, output_lock, write_staged
 
-    name, params, models = config.method.name, config.method.params(), list(config.models)
+    name, params, models = config.method.name, config.method.arguments(), list(config.models)
     inputs = [p for x in [config.base, *models] if x for p in Checkpoint(x).input_paths()]
     out = check_output(config.out, inputs, config.overwrite)
     if name == "pleas":
@@ -110,9 +110,9 @@ def run(config: MergeConfig, adapter=None):
             overwrite=config.overwrite,
             progress=config.progress,
             allow_nonfinite=config.allow_nonfinite,
-            **config.method.params(),
+            **config.method.arguments(),
         )
-    params = config.method.params()
+    params = config.method.arguments()
     if config.search:
         from merging.search import search_lambdas
 
@@ -172,5 +172,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     conf = Path(__file__).parents[1] / "conf"
-    refuse_unknown_overrides(MergeConfig, conf, "python -m merging --help lists every option")
+    refuse_unknown_overrides(MergeConfig, conf, "python -m merging --help lists every option", renamed=RENAMED)
     run_cli(main)

@@ -1,4 +1,4 @@
-"""Typed merge configuration, mirrored by ``conf/merge.yaml`` and ``conf/method/*.yaml``."""
+"""Typed merge configuration, mirrored by ``conf/merge.yaml``; the ``method`` group is generated (``method_nodes``)."""
 
 from __future__ import annotations
 
@@ -12,46 +12,54 @@ DATA_AWARE = ("divmerge", "pleas")  # merged by merging.divmerge / merging.pleas
 
 @dataclass
 class MethodConfig:
-    """``name`` selects ``merging.METHODS[name]``; a parameter left at None takes the method's own default.
+    """``name`` selects the method (``merging.METHODS[name]``, or the data-aware ``divmerge`` / ``pleas``);
+    ``params`` holds its parameters by their Python names (``method.params.density=0.2``).
 
-    Setting a parameter the method does not take is an error naming it. The names are those of the Python API.
-    """
+    Each ``method=<name>`` option is generated from the methods themselves (``method_nodes``: the registry's
+    ``Param`` defaults, the data-aware functions' signatures), the only source of defaults; a name the method does
+    not take, or a bad value, is refused naming it. ``None``: the method's own default."""
 
     name: str = "ties"
-    lam: float | None = None  # scale of the merged task vector
-    weights: list[float] | None = None  # one per fine-tuned model (PCB: per-task lambdas)
-    density: float | None = None  # kept fraction (TIES trim; DELLA mean keep probability; DARE+TIES trim)
-    scope: str | None = None  # where magnitudes are ranked: tensor | row | global (DELLA: row | tensor)
-    sign: str | None = None  # sign election: total (mass) | frequency (vote count)
-    weighted_sign: bool | None = None  # elect on w_t * tau_t (mergekit) instead of tau_t (TIES paper, PEFT)
-    divisor: str | None = None  # disjoint mean divisor: weights | count
-    seed: int | None = None  # random methods: with tensor name and model index, seeds each generator
-    drop: float | None = None  # DARE drop rate p
-    rescale: str | None = None  # DARE/DELLA: inverse | l1 | none
-    combine: str | None = None  # DARE/DELLA: linear | ties
-    epsilon: float | None = None  # DELLA half window of keep probabilities
-    ratio: float | None = None  # PCB kept ratio r
-    clamp_q: float | None = None  # PCB outlier clamp quantile
-    eta: float | None = None  # STAR: percent of the nuclear norm kept
-    svd: str | None = None  # STAR: exact | randomized
-    rank: int | None = None  # STAR randomized SVD rank
-    one_d: str | None = None  # STAR 1-D tensors: base | mean
-    t: float | None = None  # SLERP interpolation factor (0 = the base, or models[0] of two; 1 = the last model)
-    filter_wise: bool | None = None  # Model Stock: one ratio per row instead of per tensor
-    gamma: float | None = None  # Breadcrumbs: fraction of the largest magnitudes dropped
-    common_fraction: float | None = None  # Iso-CTS: share of the rank for the common subspace
-    granularity: str | None = None  # DivMerge: layer | task (coefficients per layer or per task)
-    divergence: str | None = None  # DivMerge: js | kl
-    lr: float | None = None  # DivMerge: Adam learning rate
-    epochs: int | None = None  # DivMerge: passes over the prompts
-    batch_size: int | None = None  # DivMerge: prompts per step (None: 4 per task)
-    init: float | None = None  # DivMerge: initial coefficients (None: 1/T)
-    least_squares: bool | None = None  # PLeaS: refit the linear maps by least squares
-    ridge: float | None = None  # PLeaS: relative ridge of the least-squares fits
-    max_batches: int | None = None  # PLeaS: input batches per pass
+    params: dict[str, Any] = field(default_factory=dict)
 
-    def params(self) -> dict[str, object]:
-        return {k: v for k, v in vars(self).items() if k != "name" and v is not None}
+    def arguments(self) -> dict[str, object]:
+        """The parameters to pass: those set to a value (None leaves the method's default)."""
+        return {k: v for k, v in self.params.items() if v is not None}
+
+
+# the keyword parameters of the data-aware methods a config may set (the others are wired by the CLI)
+DATA_AWARE_PARAMS = {
+    "divmerge": ("granularity", "divergence", "lr", "epochs", "batch_size", "init", "seed"),
+    "pleas": ("ratio", "least_squares", "ridge", "max_batches"),
+}
+
+
+def method_nodes() -> dict[str, dict[str, Any]]:
+    """``{name: {"name": name, "params": {param: default}}}`` for every method, from the registry and the
+    data-aware functions' signatures: the ``method`` config group (``register_configs``)."""
+    import inspect
+
+    from merging import METHODS
+    from merging.divmerge import divmerge
+    from merging.pleas import pleas
+
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    nodes = {name: {"name": name, "params": {k: plain(spec.default) for k, spec in m.params.items()}}
+             for name, m in METHODS.items()}  # fmt: skip
+    for name, fn in (("divmerge", divmerge), ("pleas", pleas)):
+        sig = inspect.signature(fn)
+        nodes[name] = {"name": name, "params": {k: plain(sig.parameters[k].default) for k in DATA_AWARE_PARAMS[name]}}
+    return nodes
+
+
+# Keys that were renamed: python -m merging names the replacement when an old spelling is given
+RENAMED_PARAMS = ("lam", "weights", "density", "scope", "sign", "weighted_sign", "divisor", "seed", "drop", "rescale",
+                  "combine", "epsilon", "ratio", "clamp_q", "eta", "svd", "rank", "one_d", "t", "filter_wise", "gamma",
+                  "common_fraction", "granularity", "divergence", "lr", "epochs", "batch_size", "init",
+                  "least_squares", "ridge", "max_batches")  # fmt: skip
+RENAMED = {f"method.{k}": f"method.params.{k}" for k in RENAMED_PARAMS}
 
 
 @dataclass
@@ -88,7 +96,8 @@ class MergeConfig:
     # The task(s) each model was fine-tuned on ("sort", or "copy+add"), one entry per model: the normalized accuracy
     # of a task divides by its own fine-tune (None: by the best model on that task); assemble's router_init=stats.
     tasks: list[str] | None = None
-    search: bool = False  # per-task lambdas (method.weights) by coordinate search on a validation split; needs tasks
+    # per-task lambdas (method.params.weights) by coordinate search on a validation split; needs tasks
+    search: bool = False
     # The model-specific side (evaluation, search, router stats, task data, writing divmerge/pleas outputs): a
     # merging.protocols.TaskAdapter built by hydra.utils.instantiate. `data` is opaque here: the adapter reads it.
     adapter: Any = field(default_factory=lambda: {"_target_": "moe.adapters.moe_adapter.MoEAdapter"})
@@ -103,4 +112,7 @@ def register_configs() -> None:
     from moe_merge_common.cli import config_groups_listing, register_resolver
 
     register_resolver("config_groups", config_groups_listing)
-    ConfigStore.instance().store(name="merge_schema", node=MergeConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="merge_schema", node=MergeConfig)
+    for name, node in method_nodes().items():  # method=<name>: generated, so the registry is the only default
+        cs.store(group="method", name=name, node=node)

@@ -186,11 +186,11 @@ def _refuse_nonfinite(e: Entry, c: Chunk, merged: torch.Tensor, out: torch.Tenso
         top = float(merged.abs().max())
         raise NonFiniteError(
             f"{c.name}: merged values up to {top:.4g} overflow out_dtype={str(e.out_dtype).removeprefix('torch.')} "
-            f"(largest finite {torch.finfo(e.out_dtype).max:.4g}); use out_dtype=float32 or lower method.lam"
+            f"(largest finite {torch.finfo(e.out_dtype).max:.4g}); use out_dtype=float32 or lower method.params.lam"
         )
     raise NonFiniteError(
         f"{c.name}: the merge produced {int((~torch.isfinite(merged)).sum())} non-finite values from finite inputs "
-        "(fp32 overflow: check method.lam / method.weights); allow_nonfinite=true writes them anyway"
+        "(fp32 overflow: check method.params.lam / method.params.weights); allow_nonfinite=true writes them anyway"
     )
 
 

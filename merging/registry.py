@@ -194,10 +194,11 @@ class Method:
         for k, v in p.items():
             values = v if isinstance(v, (list, tuple)) else [v]
             if any(isinstance(x, float) and not math.isfinite(x) for x in values):
-                raise ValueError(f"method.{k}={v!r}: expected finite numbers (method {self.name!r})")
+                raise ValueError(f"method.params.{k}={v!r}: expected finite numbers (method {self.name!r})")
         for k, spec in self.params.items():
             if spec.choices is not None and p[k] not in spec.choices:
-                raise ValueError(f"{k}={p[k]!r}: expected one of {list(spec.choices)} (method {self.name!r})")
+                raise ValueError(f"method.params.{k}={p[k]!r}: expected one of {list(spec.choices)} "
+                                 f"(method {self.name!r})")
         if "weights" in p and p["weights"] is not None and len(p["weights"]) != n:
             raise ValueError(f"weights: expected {n} values (one per fine-tuned model), got {len(p['weights'])}")
         self.validate(p, n)

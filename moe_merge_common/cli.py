@@ -75,9 +75,13 @@ def unknown_overrides(schema: type, argv: list[str], groups: set[str] = frozense
 
 
 def config_groups(conf_dir: str | os.PathLike) -> set[str]:
-    """The config groups under a Hydra config directory (``model``, ``model/moe``, ``hydra/launcher``, ...)."""
+    """The config groups under a Hydra config directory (``model``, ``model/moe``, ``hydra/launcher``, ...) and
+    those stored in Hydra's ConfigStore (a group generated in code, such as the merge ``method``)."""
+    from hydra.core.config_store import ConfigStore
+
     root = Path(conf_dir)
-    return {str(d.relative_to(root)) for d in root.rglob("*") if d.is_dir()}
+    stored = {name for name, node in ConfigStore.instance().repo.items() if isinstance(node, dict)}
+    return {str(d.relative_to(root)) for d in root.rglob("*") if d.is_dir()} | stored
 
 
 def refuse_unknown_overrides(schema: type, conf_dir: str | os.PathLike, hint: str,

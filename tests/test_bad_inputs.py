@@ -157,11 +157,12 @@ def merge_config(overrides: list[str]) -> MergeConfig:
 MERGE_CASES = [
     ("nan", [], r"nan.safetensors: tensor 'w' of model 0 holds 1 non-finite values \(NaN\).*allow_nonfinite=true"),
     ("inf", [], r"inf.safetensors: tensor 'v' of model 0 holds 1 non-finite values \(\+inf\)"),
-    ("good", ["method=task_arithmetic", "method.lam=nan"], r"method.lam=nan: expected finite numbers"),
-    ("good", ["method=task_arithmetic", "method.lam=inf"], r"method.lam=inf: expected finite numbers"),
-    ("good", ["method=linear", "method.weights=[1.0,nan]"], r"method.weights=\[1.0, nan\]: expected finite"),
+    ("good", ["method=task_arithmetic", "method.params.lam=nan"], r"method.params.lam=nan: expected finite numbers"),
+    ("good", ["method=task_arithmetic", "method.params.lam=inf"], r"method.params.lam=inf: expected finite numbers"),
+    ("good", ["method=linear", "method.params.weights=[1.0,nan]"],
+     r"method.params.weights=\[1.0, nan\]: expected finite"),
     ("big", ["method=task_arithmetic", "out_dtype=float16"], r"(w|v): merged values up to .* out_dtype=float16"),
-    ("huge", ["method=task_arithmetic", "method.lam=10.0"], r"(w|v): the merge produced \d+ non-finite values"),
+    ("huge", ["method=task_arithmetic", "method.params.lam=10.0"], r"(w|v): the merge produced \d+ non-finite values"),
     ("neg_offset", [], r"neg_offset.safetensors.*tensor 'w' starts at byte -8"),
     ("overlap", [], r"overlap.safetensors.*tensor 'v' starts at byte 8"),
     ("size_mismatch", [], r"size_mismatch.safetensors.*tensor 'v': shape \[5\] x F32 is 20 bytes"),
@@ -197,8 +198,8 @@ MERGE_CASES = [
     ("good", ["out_dtype=float8"], r"out_dtype='float8'"),
     ("good", ["vectors=avg"], r"vectors='avg'"),
     ("good", ["router_source=7"], r"router_source='7'"),
-    ("good", ["method=dare", "method.drop=1.5"], r"drop"),
-    ("good", ["method=ties", "method.density=0"], r"density"),
+    ("good", ["method=dare", "method.params.drop=1.5"], r"drop"),
+    ("good", ["method=ties", "method.params.density=0"], r"density"),
 ]
 
 
@@ -244,7 +245,7 @@ def test_old_format_torch_save_is_read_by_merging_and_training_alike(tmp_path):
     save_file(tensors(1), str(tmp_path / "base.safetensors"))
     merge_run(merge_config([f"base={tmp_path / 'base.safetensors'}", f"models=[{tmp_path / 'old.ckpt'}]",
                             f"out={tmp_path / 'o'}", "progress=false", "method=task_arithmetic",
-                            "method.lam=1.0"]))  # fmt: skip
+                            "method.params.lam=1.0"]))  # fmt: skip
     from safetensors.torch import load_file
 
     from moe.export import load_checkpoint
@@ -414,7 +415,8 @@ def test_an_exclude_pattern_that_backtracks_is_matched_in_linear_time(tmp_path):
     save_file({name: torch.full((3,), 3.0), "w": torch.ones(2)}, str(tmp_path / "ft.safetensors"))
     start = time.perf_counter()
     merge_run(merge_config([f"base={tmp_path / 'base.safetensors'}", f"models=[{tmp_path / 'ft.safetensors'}]",
-                            f"out={tmp_path / 'o'}", "progress=false", "method=task_arithmetic", "method.lam=1.0",
+                            f"out={tmp_path / 'o'}", "progress=false", "method=task_arithmetic",
+                            "method.params.lam=1.0",
                             "exclude=['(a+)+b','^w$']"]))  # fmt: skip
     assert time.perf_counter() - start < 20
     from safetensors.torch import load_file
@@ -429,7 +431,7 @@ def test_zero_size_tensors_are_copied_from_the_base(tmp_path):
                   str(tmp_path / f"{name}.safetensors"))  # fmt: skip
     merge_run(merge_config([f"base={tmp_path / 'base.safetensors'}", f"models=[{tmp_path / 'ft.safetensors'}]",
                             f"out={tmp_path / 'o'}", "progress=false", "method=task_arithmetic",
-                            "method.lam=1.0"]))  # fmt: skip
+                            "method.params.lam=1.0"]))  # fmt: skip
     from safetensors.torch import load_file
 
     merged = load_file(str(tmp_path / "o" / "model.safetensors"))

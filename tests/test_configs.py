@@ -53,8 +53,8 @@ def test_group_options_actually_apply():
     assert ft.data.tasks == ["sort", "add"] and ft.init_from == "/a.ckpt" and ft.trainer.max_steps == 300
 
 
-@pytest.mark.parametrize("method", options("method"))
-def test_every_merge_method_composes(method):
+@pytest.mark.parametrize("method", ["ties", "dare", "slerp", "divmerge", "pleas"])
+def test_every_merge_method_composes(method):  # (all of them: tests/test_merge_config.py)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("merge", overrides=["base=/b", "models=[/m1,/m2]", "out=/o", f"method={method}"])
     merged = OmegaConf.to_object(cfg)
@@ -62,7 +62,7 @@ def test_every_merge_method_composes(method):
     from merging import METHODS
 
     if method in METHODS:  # (divmerge and pleas run models on data: tests/test_merge_config.py checks them)
-        assert set(merged.method.params()) <= set(METHODS[method].params)
+        assert set(merged.method.params) == set(METHODS[method].params)
 
 
 def test_callbacks_and_logger_are_target_nodes_users_can_change_drop_and_add():

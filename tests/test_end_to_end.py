@@ -183,7 +183,7 @@ def test_merge_cli(tmp_path):
         f"base={tmp_path / 'base' / 'export'}",
         f"models=[{tmp_path / 'a' / 'export'},{tmp_path / 'b' / 'export'}]",
         "method=ties",
-        "method.density=0.5",
+        "method.params.density=0.5",
         f"out={out}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     )

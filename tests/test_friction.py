@@ -197,7 +197,7 @@ def test_each_help_lists_its_own_config_groups():
 
 
 @pytest.mark.parametrize("args, close", [(["train.py", "model.d_modle=64"], "model.d_model"),
-                                         (["-m", "merging", "methd.density=0.2"], "method.density")])  # fmt: skip
+                                         (["-m", "merging", "methd.name=ties"], "method.name")])  # fmt: skip
 def test_a_mistyped_key_is_refused_with_the_closest_keys_not_hydras_append_hint(args, close, tmp_path):
     proc = cli(*args, cwd=ROOT, ok=False)
     assert proc.returncode == 1 and f"did you mean {close}" in proc.stderr

@@ -71,7 +71,7 @@ def test_divmerge_from_the_cli(tmp_path):
     for model, d in zip(_models(), dirs):
         export_model(model, d)
     cfg, out = _cli(["method=divmerge", f"base={dirs[0]}", f"models=[{dirs[1]},{dirs[2]}]", "tasks=[copy,sort]",
-                     f"out={tmp_path / 'out'}", "method.epochs=1"])  # fmt: skip
+                     f"out={tmp_path / 'out'}", "method.params.epochs=1"])  # fmt: skip
     assert load_any(out.parent).cfg == MODEL
     assert set(evaluate_merge(cfg)) == {"merged", "base", "model0", "model1"}
     with pytest.raises(ValueError, match="tasks"):
@@ -83,7 +83,7 @@ def test_pleas_from_the_cli(tmp_path):
     for model, d in zip(_models(), dirs):
         export_model(model, d)
     cfg, out = _cli(["method=pleas", f"models=[{dirs[0]},{dirs[1]}]", f"out={tmp_path / 'out'}",
-                     "method.max_batches=2"])  # fmt: skip
+                     "method.params.max_batches=2"])  # fmt: skip
     merged = load_any(out.parent)
     assert merged.blocks[0].moe.experts.w_gate.shape[-1] == MODEL.d_ff + round(0.5 * MODEL.d_ff)  # widened
     assert set(evaluate_merge(cfg)) == {"merged", "model0", "model1"}  # no base

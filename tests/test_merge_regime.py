@@ -105,9 +105,9 @@ def test_optuna_sweep_on_the_cli_returns_the_search_split_objective(bench, tmp_p
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    assert set(result["best_params"]) == {"method.lam", "method.density"}
-    assert 0.1 <= result["best_params"]["method.lam"] <= 2.5
-    assert 0.05 <= result["best_params"]["method.density"] <= 1.0
+    assert set(result["best_params"]) == {"method.params.lam", "method.params.density"}
+    assert 0.1 <= result["best_params"]["method.params.lam"] <= 2.5
+    assert 0.05 <= result["best_params"]["method.params.density"] <= 1.0
     assert math.isfinite(result["best_value"])
     assert done.stdout.count("merged (ties)") == 2
 
