@@ -27,7 +27,7 @@ from moe.export import load_model
 from moe.train.run import configure_threads, run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-NEEDS = {"expert_choice": ["router.allow_noncausal=true"]}
+NEEDS = {"expert_choice": ["router.expert_choice.allow_noncausal=true"]}
 
 
 @torch.no_grad()

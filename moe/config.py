@@ -13,8 +13,38 @@ from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
+class NoisyTopKConfig:
+    """``router=noisy_topk`` (Shazeer et al. 2017): the coefficient of its load loss (the noise's smoothed load)."""
+
+    load_loss_coef: float = 0.0
+
+
+@dataclass
+class GumbelConfig:
+    """``router=gumbel``: ``tau_t = max(tau_min, tau * exp(-tau_anneal_rate * step))``; at eval the gate is a
+    Monte-Carlo mean over ``mc_samples`` samples; ``hard``: straight-through (one-hot forward, soft gradient)."""
+
+    tau: float = 1.0
+    tau_min: float = 0.5
+    tau_anneal_rate: float = 0.0
+    hard: bool = False
+    mc_samples: int = 10
+
+
+@dataclass
+class ExpertChoiceConfig:
+    """``router=expert_choice`` (Zhou et al. 2022): each expert takes ``ceil(capacity_factor * T / E)`` tokens of
+    the batch. It sees the whole batch, so it is not causal: ``allow_noncausal`` must be set to train a decoder
+    with it. (``model.moe.capacity_factor`` is another knob: the slot cap of token-choice routing.)"""
+
+    capacity_factor: float = 2.0
+    allow_noncausal: bool = False
+
+
+@dataclass
 class RouterConfig:
-    """Router choice and its hyperparameters (one flat, typed record; each conf/router/*.yaml sets its part).
+    """Router choice and its hyperparameters; each conf/router/*.yaml sets its part. The knobs of one router kind
+    live under its name (``router.gumbel.tau``, ``router.expert_choice.capacity_factor``, ...).
 
     kind: "topk" | "noisy_topk" | "gumbel" | "expert_choice". score: a ``moe.nn.gating.SCORE_FUNCTIONS`` name.
     order: "score_then_topk" (with or without ``renormalize``) | "topk_then_score" (see ``moe.nn.routing``).
@@ -41,17 +71,31 @@ class RouterConfig:
     # topk router: "auto" = the fused kernel in Triton on CUDA, its PyTorch reference on the CPU; "triton" | "torch"
     # insist on one (moe.kernels). Options the kernel does not cover route through moe.nn.routing.route.
     impl: str = "auto"
-    # Noisy top-k (Shazeer 2017): learned noise scale; its load loss
-    load_loss_coef: float = 0.0
-    # Gumbel-softmax gating: tau_t = max(tau_min, tau * exp(-tau_anneal_rate * step)); MC average at eval
-    tau: float = 1.0
-    tau_min: float = 0.5
-    tau_anneal_rate: float = 0.0
-    hard: bool = False  # straight-through: one-hot forward, soft gradient
-    mc_samples: int = 10
-    # Expert choice: each expert takes capacity_factor * T / E tokens (sees the whole batch: not causal)
-    capacity_factor: float = 2.0
-    allow_noncausal: bool = False
+    noisy_topk: NoisyTopKConfig = field(default_factory=NoisyTopKConfig)
+    gumbel: GumbelConfig = field(default_factory=GumbelConfig)
+    expert_choice: ExpertChoiceConfig = field(default_factory=ExpertChoiceConfig)
+
+
+# router knobs that moved under their router kind: flat key -> the kind's node
+ROUTER_KIND_KEYS = {"load_loss_coef": "noisy_topk", "tau": "gumbel", "tau_min": "gumbel", "tau_anneal_rate": "gumbel",
+                    "hard": "gumbel", "mc_samples": "gumbel", "capacity_factor": "expert_choice",
+                    "allow_noncausal": "expert_choice"}  # fmt: skip
+DATA_TARGETS = {"multitask": "moe.data.tasks.MultiTaskDataModule", "pycode": "moe.data.pycode.PyCodeDataModule"}
+
+
+def upgrade_saved(section: str, tree: dict[str, Any]) -> dict[str, Any]:
+    """A ``model`` / ``router`` / ``data`` config as an earlier version saved it (export config.json, checkpoint
+    hyper-parameters, a run's train_config), in today's keys: flat router knobs nested under their kind,
+    ``data.kind`` as ``data._target_``. Unchanged otherwise (a copy)."""
+    tree = dict(tree)
+    if section == "router":
+        for key, kind in ROUTER_KIND_KEYS.items():
+            if key in tree:
+                tree[kind] = {**dict(tree.get(kind) or {}), key: tree.pop(key)}
+    if section == "data" and "kind" in tree:
+        kind = tree.pop("kind")
+        tree.setdefault("_target_", DATA_TARGETS.get(kind, kind))
+    return tree
 
 
 @dataclass
@@ -258,4 +302,5 @@ def register_configs() -> None:
 
 
 # Keys that were renamed: train.py names the replacement when an old spelling is given on the command line
-RENAMED = {"data.kind": "data=multitask or data=pycode (data._target_ names the data module class)"}
+RENAMED = {"data.kind": "data=multitask or data=pycode (data._target_ names the data module class)",
+           **{f"router.{k}": f"router.{kind}.{k}" for k, kind in ROUTER_KIND_KEYS.items()}}

@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moe.config import ModelConfig, MoEConfig, RouterConfig
+from moe.config import (
+    ExpertChoiceConfig,
+    GumbelConfig,
+    ModelConfig,
+    MoEConfig,
+    NoisyTopKConfig,
+    RouterConfig,
+    upgrade_saved,
+)
 from moe.nn.model import MoETransformer
 from moe_merge_common.io import WEIGHTS_NAME
 
@@ -46,11 +54,14 @@ def export_model(model: MoETransformer, out_dir: str | os.PathLike) -> Path:
 
 def _from_dict(cls, data: dict, where: str):
     """Rebuild a (possibly nested) config dataclass from its ``asdict`` form, naming unknown keys."""
+    if cls is RouterConfig:
+        data = upgrade_saved("router", data)  # saved before the router knobs were nested by kind
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-    nested = {"moe": MoEConfig}
+    nested = {"moe": MoEConfig, "noisy_topk": NoisyTopKConfig, "gumbel": GumbelConfig,
+              "expert_choice": ExpertChoiceConfig}  # fmt: skip
     return cls(**{k: _from_dict(nested[k], v, f"{where}.{k}") if k in nested and isinstance(v, dict) else v
                   for k, v in data.items()})  # fmt: skip
 

@@ -109,3 +109,42 @@ def test_yaml_files_mirror_the_schema_defaults():
     assert cfg.data == TrainConfig().data
     assert cfg.model == TrainConfig().model
     assert Path(CONF / "train.yaml").exists()
+
+
+def test_configs_saved_by_an_earlier_version_load_and_resume():
+    """Flat router knobs (``tau``, ``capacity_factor``, ...), ``data.kind`` and a model without ``_target_``: what
+    exports and checkpoints written before the configs were nested hold. They load as today's configs, and a run
+    saved that way resumes (its settings compare equal)."""
+    import json
+    from dataclasses import asdict
+
+    from moe.export import read_config
+    from moe.train.checks import check_resume_config
+
+    cfg = compose_train(["router=gumbel", "router.gumbel.tau=0.7", "data=pycode"])
+    old = asdict(cfg)
+    old["router"] = {k: v for k, v in old["router"].items() if k not in ("noisy_topk", "gumbel", "expert_choice")}
+    old["router"].update(asdict(cfg.router.gumbel), load_loss_coef=0.0, capacity_factor=2.0, allow_noncausal=False)
+    old["data"] = {**{k: v for k, v in old["data"].items() if k != "_target_"}, "kind": "pycode"}
+    del old["model"]["_target_"]
+    check_resume_config(cfg, old, Path("old.ckpt"))  # nothing differs once upgraded
+    old["router"]["tau"] = 0.9
+    with pytest.raises(ValueError, match=r"router.gumbel.tau=0.9 there, 0.7 here"):
+        check_resume_config(cfg, old, Path("old.ckpt"))
+    config_json = Path(__file__).parent / "_old_config.json"
+    try:
+        config_json.write_text(json.dumps({"model": old["model"], "router": old["router"]}))
+        model, router = read_config(config_json)
+    finally:
+        config_json.unlink()
+    assert router.gumbel.tau == 0.9 and router.expert_choice.capacity_factor == 2.0 and model == cfg.model
+
+
+@pytest.mark.parametrize("old, new", [("router.tau=0.5", "router.gumbel.tau"),
+                                      ("router.capacity_factor=1.0", "router.expert_choice.capacity_factor"),
+                                      ("router.load_loss_coef=0.1", "router.noisy_topk.load_loss_coef")])  # fmt: skip
+def test_an_old_router_key_names_its_new_place(old, new):
+    from moe.config import RENAMED, TrainConfig
+    from moe_merge_common.cli import unknown_overrides
+
+    assert unknown_overrides(TrainConfig, [old], renamed=RENAMED) == [f"{old.split('=')[0]} (renamed: use {new})"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.config import MoEConfig, RouterConfig
+from moe.config import ExpertChoiceConfig, MoEConfig, RouterConfig
 from moe.dispatch import slot_order
 from moe.nn.layers import MoELayer, SwiGLU
 from moe.nn.smear import SMEARLayer
@@ -68,7 +68,8 @@ def test_shared_and_residual_branches():
 
 
 def test_expert_choice_layer_output_and_causality_guard():
-    cfg = RouterConfig(kind="expert_choice", capacity_factor=1.0, allow_noncausal=True)
+    cfg = RouterConfig(kind="expert_choice", expert_choice=ExpertChoiceConfig(capacity_factor=1.0,
+                                                                       allow_noncausal=True))
     layer = MoELayer(6, 8, 3, cfg).double()
     x = torch.randn(9, 6, dtype=torch.float64)
     y, r = layer(x)
@@ -127,7 +128,8 @@ def test_smear_identical_experts_ignore_the_router_and_sequence_mode_is_refused_
         SMEARLayer(6, 8, 3, RouterConfig(), route_on="sequence", causal=True)
 
 
-def test_dropless_layer_under_torch_compile_matches_eager():
+@pytest.mark.parametrize("threads", [1, 2])  # the expert kernel is picked by thread count (1: grouped_mm eagerly)
+def test_dropless_layer_under_torch_compile_matches_eager(threads):
     """``torch.compile`` of the layer (router -> custom ops -> SwiGLU autograd function -> combine) gives eager's loss
     gradients for the input and every weight (aot_eager: the traced forward and backward graphs, no codegen)."""
     torch.manual_seed(0)
@@ -138,7 +140,13 @@ def test_dropless_layer_under_torch_compile_matches_eager():
         y, r = layer(x)
         return y.square().sum() + r.aux.aux_loss + r.aux.z_loss
 
-    eager = torch.autograd.grad(loss(x), [x, *layer.parameters()])
-    traced = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(x), [x, *layer.parameters()])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        eager = torch.autograd.grad(loss(x), [x, *layer.parameters()])
+        torch._dynamo.reset()
+        traced = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(x), [x, *layer.parameters()])
+    finally:
+        torch.set_num_threads(previous)
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

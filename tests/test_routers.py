@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe.config import RouterConfig
+from moe.config import ExpertChoiceConfig, GumbelConfig, NoisyTopKConfig, RouterConfig
 from moe.nn.losses import band_kl_loss, cv_squared, importance_loss, load_balancing_loss, symmetric_kl
 from moe.nn.routers import ExpertChoiceRouter, GumbelRouter, NoisyTopKRouter, TopKRouter, build_router, gumbel_tau
 from moe.nn.routing import group_limited_mask, route
@@ -126,7 +126,7 @@ def test_aux_free_bias_moves_towards_underloaded_experts():
 
 
 def test_noisy_topk_has_k_nonzero_gates_and_trains_its_noise():
-    cfg = RouterConfig(kind="noisy_topk", k=2, importance_loss_coef=0.1, load_loss_coef=0.1)
+    cfg = RouterConfig(kind="noisy_topk", k=2, importance_loss_coef=0.1, noisy_topk=NoisyTopKConfig(load_loss_coef=0.1))
     router = NoisyTopKRouter(6, 5, cfg)
     with torch.no_grad():
         router.w_gate.normal_()
@@ -150,7 +150,7 @@ def test_gumbel_argmax_frequencies_match_softmax():
     gumbel = -torch.empty(n, 4).exponential_().log()
     freq = torch.bincount((logits + gumbel).argmax(1), minlength=4).float() / n
     torch.testing.assert_close(freq, torch.softmax(logits, 1)[0], atol=0.015, rtol=0)
-    router = GumbelRouter(4, 4, RouterConfig(kind="gumbel", k=1, tau=0.7))
+    router = GumbelRouter(4, 4, RouterConfig(kind="gumbel", k=1, gumbel=GumbelConfig(tau=0.7)))
     with torch.no_grad():
         router.weight.copy_(torch.eye(4))
     router.train()
@@ -161,7 +161,8 @@ def test_gumbel_argmax_frequencies_match_softmax():
 
 def test_gumbel_straight_through_forward_is_hard_and_gradient_is_soft():
     torch.manual_seed(3)
-    cfg_soft, cfg_hard = RouterConfig(kind="gumbel", k=2), RouterConfig(kind="gumbel", k=2, hard=True)
+    cfg_soft = RouterConfig(kind="gumbel", k=2)
+    cfg_hard = RouterConfig(kind="gumbel", k=2, gumbel=GumbelConfig(hard=True))
     soft, hard = GumbelRouter(5, 6, cfg_soft), GumbelRouter(5, 6, cfg_hard)
     hard.load_state_dict(soft.state_dict())
     x = torch.randn(8, 5)
@@ -177,7 +178,8 @@ def test_gumbel_straight_through_forward_is_hard_and_gradient_is_soft():
 
 
 def test_gumbel_eval_is_deterministic_and_tau_anneals():
-    router = GumbelRouter(5, 6, RouterConfig(kind="gumbel", k=2, tau=1.0, tau_min=0.5, tau_anneal_rate=1e-3)).eval()
+    router = GumbelRouter(5, 6, RouterConfig(kind="gumbel", k=2,
+                                           gumbel=GumbelConfig(tau=1.0, tau_min=0.5, tau_anneal_rate=1e-3))).eval()
     x = torch.randn(8, 5)
     a, b = router(x), router(x)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.weights, b.weights)
@@ -189,7 +191,7 @@ def test_gumbel_eval_is_deterministic_and_tau_anneals():
 
 
 def test_expert_choice_respects_capacity():
-    cfg = RouterConfig(kind="expert_choice", capacity_factor=2.0)
+    cfg = RouterConfig(kind="expert_choice", expert_choice=ExpertChoiceConfig(capacity_factor=2.0))
     router = ExpertChoiceRouter(6, 4, cfg)
     r = router(torch.randn(10, 6))
     C = math.ceil(2.0 * 10 / 4)

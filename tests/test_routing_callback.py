@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moe.callbacks import RouterScheduleCallback, RoutingStatsCallback
-from moe.config import RouterConfig
+from moe.config import GumbelConfig, RouterConfig
 from moe.nn.layers import MoELayer
 from moe.nn.routers import GumbelRouter
 from moe.report.stats import load_summary, mutual_information
@@ -151,7 +151,7 @@ def test_collapse_and_dead_experts_are_warned(tmp_path, capsys):
 
 
 def test_router_schedule_anneals_gumbel_temperature(tmp_path):
-    cfg = RouterConfig(kind="gumbel", tau=2.0, tau_min=0.5, tau_anneal_rate=0.5)
+    cfg = RouterConfig(kind="gumbel", gumbel=GumbelConfig(tau=2.0, tau_min=0.5, tau_anneal_rate=0.5))
     module = OneLayer(router=cfg)
     fit(tmp_path, module, RouterScheduleCallback(), steps=3)
     router = module.moe.router

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moe.config import ModelConfig, OptimConfig, RouterConfig
+from moe.config import ExpertChoiceConfig, ModelConfig, OptimConfig, RouterConfig
 from moe.nn.gating import SCORE_FUNCTIONS, entmax15, sparsemax
 from moe.nn.model import MoETransformer
 from moe.nn.routing import route
@@ -70,7 +70,7 @@ def test_deferred_checks_count_on_the_device_and_raise_once_per_step_naming_ever
     from moe.train.module import MoELitModule
 
     cfg = ModelConfig(vocab_size=7, max_seq_len=4, d_model=8, n_layer=3, n_head=2, num_experts=4, d_ff=8)
-    router = RouterConfig(kind=kind, k=2, allow_noncausal=True, capacity_factor=1.0 if kind == "expert_choice" else 0)
+    router = RouterConfig(kind=kind, k=2, expert_choice=ExpertChoiceConfig(capacity_factor=1.0, allow_noncausal=True))
     lit = MoELitModule(cfg, router, OptimConfig(), max_steps=1)
     gate = lit.model.blocks[1].moe.router
     with torch.no_grad():  # NaN logits for every token of layer 1 (and so NaN inputs to layer 2)

@@ -38,7 +38,7 @@ def check_learns(ce):
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_router_option_trains(tmp_path, router):
-    extra = ["router.allow_noncausal=true"] if router == "expert_choice" else []
+    extra = ["router.expert_choice.allow_noncausal=true"] if router == "expert_choice" else []
     results, ce, rows = train(tmp_path, [f"router={router}", *extra])
     check_learns(ce)
     assert set(results["tasks"]) == {"copy", "reverse", "sort", "add", "lookup", "count"}

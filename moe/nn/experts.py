@@ -38,12 +38,14 @@ def pick_impl(x_SD: torch.Tensor, counts_E: torch.Tensor, d_ff: int) -> str:
     CUDA: grouped_mm for bf16, else the loop. CPU with more than one thread: bmm while rows per expert <=
     ``BMM_MAX_ROWS_PER_EXPERT`` and padding <= ``BMM_MAX_PADDING`` (reads the counts: a host sync, free on the CPU);
     otherwise grouped_mm. grouped_mm needs rows of 16-byte multiples (``d`` and ``d_ff``); where they are not, the
-    loop.
+    loop, as under ``torch.compile`` for fp32 (grouped_mm's fake kernel refuses it).
     """
     S, E = x_SD.shape[0], counts_E.shape[0]
     if S == 0:  # grouped_mm's backward fails on zero rows (torch 2.13); the loop keeps an empty result in the graph
         return "loop"
     grouped_ok = GROUPED_MM is not None and all(n * x_SD.element_size() % 16 == 0 for n in (x_SD.shape[1], d_ff))
+    if torch.compiler.is_compiling() and x_SD.dtype != torch.bfloat16:  # its fake kernel takes bf16 only (2.13)
+        grouped_ok = False
     if x_SD.device.type != "cpu":
         return "grouped_mm" if grouped_ok and x_SD.dtype == torch.bfloat16 else "loop"
     if x_SD.dtype not in (torch.float32, torch.bfloat16):

@@ -80,11 +80,11 @@ class MoELayer(nn.Module):
             raise ValueError(f"model.moe.drop_policy={moe.drop_policy!r}: expected one of {DROP_POLICIES}")
         if moe.capacity_factor < 0:
             raise ValueError(f"model.moe.capacity_factor={moe.capacity_factor}: expected >= 0 (0 = dropless)")
-        if router.kind == "expert_choice" and causal and not router.allow_noncausal:
+        if router.kind == "expert_choice" and causal and not router.expert_choice.allow_noncausal:
             raise ValueError(
                 "router.kind=expert_choice in a causal decoder: each expert picks its tokens from the whole batch, "
                 "so a token's routing depends on later tokens (a leak at training time, impossible when decoding). "
-                "Set router.allow_noncausal=true to train it anyway."
+                "Set router.expert_choice.allow_noncausal=true to train it anyway."
             )
         self.moe_cfg, self.num_experts = moe, num_experts
         self.router = build_router(d_model, num_experts, router)

@@ -166,8 +166,9 @@ class NoisyTopKRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
         super().__init__(num_experts, cfg)
-        if cfg.k >= num_experts and cfg.load_loss_coef > 0:
-            raise ValueError("router.load_loss_coef > 0 needs router.k < model.num_experts (no k+1-th expert)")
+        if cfg.k >= num_experts and cfg.noisy_topk.load_loss_coef > 0:
+            raise ValueError("router.noisy_topk.load_loss_coef > 0 needs router.k < model.num_experts (no k+1-th "
+                             "expert)")  # fmt: skip
         self.w_gate = nn.Parameter(torch.zeros(num_experts, d_model))
         self.w_noise = nn.Parameter(torch.zeros(num_experts, d_model))
 
@@ -188,13 +189,13 @@ class NoisyTopKRouter(Router):
         extra = {}
         if cfg.importance_loss_coef > 0:
             extra["importance"] = cfg.importance_loss_coef * importance_loss(gates_TE)
-        if cfg.load_loss_coef > 0 and sigma_TE is not None:
+        if cfg.noisy_topk.load_loss_coef > 0 and sigma_TE is not None:
             # P(x, i) = Phi((clean_i - kth_excluding_i) / sigma_i): the chance expert i stays in the top k under
             # fresh noise. kth_excluding_i is the k-th largest of the others: H's (k+1)-th if i is in the top k.
             in_top = torch.zeros_like(clean_TE, dtype=torch.bool).scatter(1, ids[:, :k], True)
             threshold = torch.where(in_top, top_vals[:, k : k + 1], top_vals[:, k - 1 : k])
             p_in = torch.distributions.Normal(0.0, 1.0).cdf((clean_TE - threshold) / sigma_TE)
-            extra["load"] = cfg.load_loss_coef * cv_squared(p_in.sum(0))
+            extra["load"] = cfg.noisy_topk.load_loss_coef * cv_squared(p_in.sum(0))
         ids = ids[:, :k]
         counts = torch.bincount(ids.reshape(-1), minlength=E)
         load = self.reduce_counts(counts) if self.reduce_counts is not None else None
@@ -220,14 +221,16 @@ class GumbelRouter(TopKRouter):
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
         super().__init__(d_model, num_experts, cfg)
-        if cfg.tau <= 0 or cfg.tau_min <= 0:
-            raise ValueError(f"router.tau={cfg.tau}, router.tau_min={cfg.tau_min}: expected > 0")
-        if cfg.mc_samples < 1:
-            raise ValueError(f"router.mc_samples={cfg.mc_samples}: expected >= 1")
-        self.register_buffer("tau", torch.tensor(float(cfg.tau)), persistent=True)
+        g = cfg.gumbel
+        if g.tau <= 0 or g.tau_min <= 0:
+            raise ValueError(f"router.gumbel.tau={g.tau}, router.gumbel.tau_min={g.tau_min}: expected > 0")
+        if g.mc_samples < 1:
+            raise ValueError(f"router.gumbel.mc_samples={g.mc_samples}: expected >= 1")
+        self.register_buffer("tau", torch.tensor(float(g.tau)), persistent=True)
 
     def anneal(self, step: int) -> None:
-        self.tau.fill_(gumbel_tau(step, self.cfg.tau, self.cfg.tau_anneal_rate, self.cfg.tau_min))
+        g = self.cfg.gumbel
+        self.tau.fill_(gumbel_tau(step, g.tau, g.tau_anneal_rate, g.tau_min))
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg, E = self.cfg, self.num_experts
@@ -239,13 +242,13 @@ class GumbelRouter(TopKRouter):
             y_TE = torch.softmax((logits_TE + gumbel) / self.tau, dim=-1)
         else:
             gen = torch.Generator(device=logits_TE.device).manual_seed(0)
-            noise = torch.empty((cfg.mc_samples, *logits_TE.shape), device=logits_TE.device)
+            noise = torch.empty((cfg.gumbel.mc_samples, *logits_TE.shape), device=logits_TE.device)
             gumbel = -noise.exponential_(generator=gen).log()
             y_TE = torch.softmax((logits_TE + gumbel) / self.tau, dim=-1).mean(0)
         _, ids = stable_topk(y_TE.detach(), cfg.k)
         soft = y_TE.gather(1, ids)
         soft = soft / soft.sum(-1, keepdim=True).clamp_min(1e-20)
-        weights = soft - soft.detach() + 1.0 / cfg.k if cfg.hard else soft
+        weights = soft - soft.detach() + 1.0 / cfg.k if cfg.gumbel.hard else soft
         probs = torch.softmax(logits_TE, dim=-1)
         counts = torch.bincount(ids.reshape(-1), minlength=E)
         load = self.reduce_counts(counts) if self.reduce_counts is not None else None
@@ -267,8 +270,8 @@ class ExpertChoiceRouter(TopKRouter):
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
         super().__init__(d_model, num_experts, cfg)
-        if cfg.capacity_factor <= 0:
-            raise ValueError(f"router.capacity_factor={cfg.capacity_factor}: expected > 0")
+        if cfg.expert_choice.capacity_factor <= 0:
+            raise ValueError(f"router.expert_choice.capacity_factor={cfg.expert_choice.capacity_factor}: expected > 0")
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RoutingResult:
         cfg, E = self.cfg, self.num_experts
@@ -277,7 +280,7 @@ class ExpertChoiceRouter(TopKRouter):
         faults = check_in_training(self, logits_TE)
         logits_TE = softmax_limit(logits_TE)
         probs = torch.softmax(logits_TE, dim=-1)
-        C = min(T, math.ceil(cfg.capacity_factor * T / E))
+        C = min(T, math.ceil(cfg.expert_choice.capacity_factor * T / E))
         gates_EC, tokens_EC = stable_topk(probs.t(), C)
         expert_of_slot = torch.arange(E, device=probs.device).repeat_interleave(C)
         weights_TE = torch.zeros_like(probs).index_put((tokens_EC.reshape(-1), expert_of_slot),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from moe.config import ModelConfig, TrainConfig, TrainerConfig
+from moe.config import ModelConfig, TrainConfig, TrainerConfig, upgrade_saved
 from moe.data import data_class
 from moe.train.module import OPTIM_IMPLS, model_class
 from moe_merge_common.cli import unknown_keys
@@ -108,6 +108,8 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any] | None, path: Pa
     if not saved:
         return  # a checkpoint written before the configuration was saved in it
     config = asdict(cfg)
+    saved = {k: upgrade_saved(k, v) if isinstance(v, dict) else v for k, v in saved.items()}  # an earlier version's
+    saved["model"] = {"_target_": config["model"]["_target_"], **(saved.get("model") or {})}  # (before model._target_)
     here = _flat({k: config[k] for k in RESUME_FIXED})
     there = _flat({k: saved.get(k) for k in RESUME_FIXED})
     if deepspeed:
