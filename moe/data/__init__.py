@@ -63,15 +63,16 @@ class TrainData(Protocol):
 
 
 def data_class(cfg: Any) -> type:
-    """The class ``data._target_`` names: a ``LightningDataModule`` with ``from_config`` (``TrainData``)."""
+    """The class ``data._target_`` names: a ``LightningDataModule`` with ``from_config`` and ``check_config``
+    (``TrainData``)."""
     try:
         cls = get_class(cfg._target_)
     except Exception as e:
         raise ValueError(f"data._target_={cfg._target_!r}: not an importable class ({e})") from None
     if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)
-            and callable(getattr(cls, "from_config", None))):  # fmt: skip
+            and all(callable(getattr(cls, m, None)) for m in ("from_config", "check_config"))):  # fmt: skip
         raise ValueError(f"data._target_={cfg._target_!r}: expected a LightningDataModule class with from_config "
-                         "(moe.data.TrainData)")  # fmt: skip
+                         "and check_config (moe.data.TrainData)")  # fmt: skip
     return cls
 
 
