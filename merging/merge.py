@@ -31,6 +31,8 @@ from merging.registry import METHODS
 from moe_merge_common.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, parse_size
 from moe_merge_common.outputs import check_output, output_lock
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+
 
 def merge(
     base: str | os.PathLike,
@@ -141,8 +143,6 @@ def merge(
                           "and the directory is as it was") from e  # fmt: skip
         raise
 
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 
 
 def json_safe(obj):

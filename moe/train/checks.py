@@ -155,6 +155,11 @@ def check_init_architecture(mine: ModelConfig, theirs: ModelConfig, source: str,
               file=sys.stderr)  # fmt: skip
 
 
+def first_process() -> bool:
+    """Not one of the ranks Lightning's or DeepSpeed's launcher starts with the same command line."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
+
+
 def run_dir_holding_a_run(argv: list[str]) -> str | None:
     """A refusal message when this command line starts a new run (no ``ckpt_path``) in a ``hydra.run.dir`` that
     holds a run (its ``results.json`` or checkpoints) or files no run wrote: Hydra would replace its config, and the
@@ -164,7 +169,7 @@ def run_dir_holding_a_run(argv: list[str]) -> str | None:
     first process checks.)"""
     from moe_merge_common.outputs import LOCK
 
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+    if not first_process():
         return None
     args = dict(a.lstrip("+").split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
     if args.get("ckpt_path") not in (None, "", "null") or "hydra.run.dir" not in args:

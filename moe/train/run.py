@@ -36,6 +36,7 @@ from moe.train.checks import (
     check_resume_config,
     check_train_config,
     command_line_keys,
+    first_process,
     strategy_target,
 )
 from moe.train.evaluate import evaluate_tasks
@@ -307,11 +308,6 @@ def configure_threads() -> None:
     """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
-
-
-def first_process() -> bool:
-    """Not one of the ranks Lightning's or DeepSpeed's launcher starts with the same command line."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
 
 
 class RunDirGuard(CleanErrors):
