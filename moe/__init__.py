@@ -3,20 +3,22 @@
 Subpackages, by concern:
 
 - ``moe.nn``: the single-device model code: gating functions, routing, routers, losses, experts, the MoE layer,
-  SMEAR and Soft MoE, our transformer, and Hugging Face sparse blocks to and from our layer (``moe.nn.hf``);
+  SMEAR and Soft MoE, our transformer;
+- ``moe.hf``: Hugging Face causal LMs (``model=hf``): their sparse MoE blocks as our layer, tokenizers, and the
+  export back to a Hugging Face checkpoint (``python -m moe.hf export``);
 - ``moe.dispatch``: single-device dispatchers (dropless, capacity, expert choice) and the ``Dispatcher`` protocol;
 - ``moe.parallel``: expert parallelism applied from outside (process groups and collectives in ``comm``, the
   all-to-all dispatcher, Lightning's DDP and DeepSpeed strategies, DeepSpeed checkpoints);
 - ``moe.kernels``: the fused Triton router and permutes beside their PyTorch references;
 - ``moe.train``: the LightningModule, the training run, its checks and task evaluation;
-- ``moe.data``: the embedded tasks and the stdlib source corpus;
+- ``moe.data``: the embedded tasks, text corpora (``data=text``) and the stdlib source corpus built on them;
 - ``moe.callbacks``: Lightning callbacks (routing statistics, router schedules, the run's loop control);
 - ``moe.report``: routing statistics, pictures and the offline run report (``python -m moe.report``);
 - ``moe.adapters``: what ``merging`` needs from our model (``MoEAdapter``) and the train-then-merge pipeline; the
   only modules of ``moe`` that import ``merging``.
 
 ``moe.config`` holds the typed configs, ``moe.export`` our checkpoints' export and loading. Modules that moved keep
-their old import paths (``moe.routing``, ``moe.layers``, ``moe.hf``, ...: ``MOVED``).
+their old import paths (``moe.routing``, ``moe.layers``, ``moe.nn.hf``, ...: ``MOVED``).
 """
 
 from moe.nn.losses import load_balancing_loss, router_z_loss
@@ -25,7 +27,8 @@ from moe_merge_common.aliases import install
 
 MOVED = {  # old module path -> where it lives now
     **{f"moe.{m}": f"moe.nn.{m}" for m in ("gating", "routing", "routers", "losses", "layers", "experts", "smear",
-                                            "soft_moe", "model", "hf")},  # fmt: skip
+                                            "soft_moe", "model")},  # fmt: skip
+    "moe.nn.hf": "moe.hf.blocks",
     "moe.lightning": "moe.train.module",
     "moe.training": "moe.train.run",
     "moe.checks": "moe.train.checks",

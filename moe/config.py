@@ -46,7 +46,9 @@ class RouterConfig:
     """Router choice and its hyperparameters; each conf/router/*.yaml sets its part. The knobs of one router kind
     live under its name (``router.gumbel.tau``, ``router.expert_choice.capacity_factor``, ...).
 
-    kind: "topk" | "noisy_topk" | "gumbel" | "expert_choice". score: a ``moe.nn.gating.SCORE_FUNCTIONS`` name.
+    kind: "topk" | "noisy_topk" | "gumbel" | "expert_choice", or "from_model" (``router=from_model``, with
+    ``model=hf``): the routing the checkpoint's config describes (``moe.hf.blocks.router_from_config``), keeping
+    the losses and ``impl`` set here. score: a ``moe.nn.gating.SCORE_FUNCTIONS`` name.
     order: "score_then_topk" (with or without ``renormalize``) | "topk_then_score" (see ``moe.nn.routing``).
     """
 
@@ -65,6 +67,7 @@ class RouterConfig:
     learn_ssmax_s: bool = False  # score=ssmax: learn s (initialised from score_kwargs.s)
     # DeepSeek-V3: auxiliary-loss-free bias (selection only), sign-rule updated after each step when rate > 0
     bias_update_rate: float = 0.0
+    select_bias: bool = False  # rank by score + expert_bias even with no updates (an imported DeepSeek-V3 bias)
     n_group: int | None = None  # group-limited routing: experts split into n_group groups ...
     topk_group: int | None = None  # ... of which each token may use topk_group
     scaling: float = 1.0  # routed_scaling_factor applied to the weights
@@ -80,7 +83,8 @@ class RouterConfig:
 ROUTER_KIND_KEYS = {"load_loss_coef": "noisy_topk", "tau": "gumbel", "tau_min": "gumbel", "tau_anneal_rate": "gumbel",
                     "hard": "gumbel", "mc_samples": "gumbel", "capacity_factor": "expert_choice",
                     "allow_noncausal": "expert_choice"}  # fmt: skip
-DATA_TARGETS = {"multitask": "moe.data.tasks.MultiTaskDataModule", "pycode": "moe.data.pycode.PyCodeDataModule"}
+DATA_TARGETS = {"multitask": "moe.data.tasks.MultiTaskDataModule", "pycode": "moe.data.pycode.PyCodeDataModule",
+                "text": "moe.data.text.TextDataModule"}
 
 
 def upgrade_saved(section: str, tree: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +119,8 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """Decoder-only MoE transformer: ``n_layer`` blocks of (causal attention, MoE SwiGLU feed-forward)."""
+    """Decoder-only MoE transformer: ``n_layer`` blocks of (causal attention, MoE SwiGLU feed-forward); or, with
+    ``model=hf``, a Hugging Face causal LM read from ``path`` (the architecture fields are then its config's)."""
 
     vocab_size: int = 0  # 0 = take it from the data module
     max_seq_len: int = 0  # 0 = take it from the data module
@@ -130,6 +135,12 @@ class ModelConfig:
     # match on the previous token, which induction-style tasks (lookup, count) need.
     token_shift: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # model=hf (moe.hf.HFCausalLM): a local Hugging Face directory (config.json + safetensors, sharded or not), or
+    # gguf_file, a GGUF file inside it read by transformers' GGUF loader; dtype: what its weights are loaded and
+    # trained in, "float32" | "bfloat16" | "float16" | "auto" (the checkpoint's own)
+    path: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
     # the model class built from (model, router) (moe.train.module.build_model); conf/model/*.yaml set it
     _target_: str = "moe.nn.model.MoETransformer"
 
@@ -168,6 +179,28 @@ class PyCodeConfig:
 
 
 @dataclass
+class TextConfig:
+    """``data=text`` (``moe.data.text.TextDataModule``): your own corpus, tokenized by the model's tokenizer and
+    packed into windows. Mirrored by conf/data/text.yaml."""
+
+    # a list of globs, or a mapping group name -> glob or list of globs (val/bpb/<name> per group);
+    # .txt .md .py (whole file = one document), .jsonl (one document per line, field text_field), .parquet
+    files: Any = None
+    text_field: str = "text"
+    tokenizer: str = "auto"  # "auto": the model's own (model=hf), else bytes; "bytes"; or a tokenizer directory
+    val_fraction: float = 0.05  # share of each group's documents held out, chosen by document hash
+    split_seed: int = 0  # salt of that hash
+    tune_fraction: float = 0.0  # share of the training documents held out as a tuning split (merge search)
+    seq_len: int = 512  # tokens the model reads per window (a window holds seq_len + 1 tokens)
+    batch_size: int = 8
+    train_windows: int = 16_000  # random training windows per epoch, drawn from (seed, epoch)
+    val_windows_per_group: int = 32  # fixed, evenly spaced validation windows per group
+    seed: int = 1234
+    num_workers: int = 0
+    cache_dir: str | None = None  # tokenized corpora; null = $XDG_CACHE_HOME/moe-merge/text (~/.cache/...)
+
+
+@dataclass
 class DataConfig:
     """The embedded multi-task sequence dataset (generated in code, no download)."""
 
@@ -183,6 +216,7 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 0
     pycode: PyCodeConfig = field(default_factory=PyCodeConfig)  # data=pycode's settings
+    text: TextConfig = field(default_factory=TextConfig)  # data=text's settings
     # the LightningDataModule class built from this node (``from_config(data)``, moe.data.TrainData): the embedded
     # tasks (these fields) or moe.data.pycode.PyCodeDataModule (data.pycode); conf/data/*.yaml set it
     _target_: str = "moe.data.tasks.MultiTaskDataModule"

@@ -106,7 +106,7 @@ class TwoTasks(MultiTaskDataModule):
     built: list = []
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, tokenizer=None):
         cls.built.append(cls(replace(cfg, tasks=["copy", "sort"])))
         return cls.built[-1]
 

@@ -5,10 +5,13 @@ below keep ``from moe.data import ...`` working as it did before the split."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning as L
+import torch
 from hydra.utils import get_class
+from torch import nn
 
 from moe.data.tasks import (
     ALL_TASKS,
@@ -29,9 +32,41 @@ from moe.data.tasks import (
     validate_data_config,
 )
 
-__all__ = ["ALL_TASKS", "DIGIT_BASE", "MultiTaskDataModule", "PAD", "PLUS", "QUERY", "ResumableDataLoader", "SEP",
+__all__ = ["Evaluation", "Metrics", "TrainData", "ALL_TASKS", "DIGIT_BASE", "MultiTaskDataModule", "PAD", "PLUS", "QUERY", "ResumableDataLoader", "SEP",
            "SYMBOL_BASE", "SplitDataset", "TASK_BASE", "TaskSplit", "Vocab", "build_splits", "max_example_len",
            "validate_data_config"]  # fmt: skip
+
+
+@dataclass
+class Evaluation:
+    """A data module's final evaluation of a trained model (``TrainData.evaluate``): ``metrics`` are logged (as
+    ``final/...``), ``results`` go to results.json, ``table`` (row -> value, under ``column``) is printed."""
+
+    metrics: dict[str, float]
+    results: dict[str, Any]
+    title: str
+    table: dict[str, float] = field(default_factory=dict)
+    column: str | None = None
+
+
+@runtime_checkable
+class Metrics(Protocol):
+    """What a data module measures during training (``TrainData.metrics``), an ``nn.Module`` of torchmetrics so
+    ranks are summed. ``nll_BS``: next-token loss in nats at each position the model predicted (0 where
+    ``batch["target_mask"][:, 1:]`` is False); ``correct_B``: every target token of the row is the argmax."""
+
+    prog_bar: tuple[str, ...]  # keys compute() returns that the progress bar shows
+
+    def update(self, batch: dict[str, torch.Tensor], nll_BS: torch.Tensor, correct_B: torch.Tensor) -> None: ...
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Validation values by logged name (``val/...``); empty when nothing was seen. Then ``reset()``."""
+
+    def reset(self) -> None: ...
+
+    def train_values(self, batch: dict[str, torch.Tensor], nll_BS: torch.Tensor,
+                     correct_B: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Logged at each training step (``train/...``), from this batch alone."""
 
 
 @runtime_checkable
@@ -52,8 +87,15 @@ class TrainData(Protocol):
         """Refuse (ValueError naming the key) what this class cannot use, before any work."""
 
     @classmethod
-    def from_config(cls, cfg: Any) -> L.LightningDataModule:
-        """The data module for a ``moe.config.DataConfig``."""
+    def from_config(cls, cfg: Any, tokenizer: Any = None) -> L.LightningDataModule:
+        """The data module for a ``moe.config.DataConfig``; ``tokenizer``: the model's own, when it brings one
+        (a transformers tokenizer, ``model_class(model).tokenizer(model)``), else None."""
+
+    def metrics(self) -> nn.Module:
+        """A fresh ``Metrics`` module for validation during training."""
+
+    def evaluate(self, model: nn.Module) -> Evaluation:
+        """The final evaluation of ``model`` (tokens ``[B, S]`` -> ``(logits, routings)``) on the held-out split."""
 
     @property
     def eval_tasks(self) -> list[str]: ...
@@ -76,6 +118,6 @@ def data_class(cfg: Any) -> type:
     return cls
 
 
-def build_datamodule(cfg: Any) -> L.LightningDataModule:
-    """``data_class(cfg).from_config(cfg)``."""
-    return data_class(cfg).from_config(cfg)
+def build_datamodule(cfg: Any, tokenizer: Any = None) -> L.LightningDataModule:
+    """``data_class(cfg).from_config(cfg, tokenizer)``."""
+    return data_class(cfg).from_config(cfg, tokenizer)

@@ -295,8 +295,28 @@ class MultiTaskDataModule(L.LightningDataModule):
         validate_data_config(cfg)
 
     @classmethod
-    def from_config(cls, cfg: DataConfig) -> MultiTaskDataModule:
+    def from_config(cls, cfg: DataConfig, tokenizer=None) -> MultiTaskDataModule:
+        if tokenizer is not None:
+            raise ValueError("data=multitask has its own vocabulary: it cannot use the model's tokenizer (use "
+                             "data=text with model=hf)")  # fmt: skip
         return cls(cfg)
+
+    def metrics(self):
+        """Exact match per task during training (``moe.data.metrics.TaskMetrics``)."""
+        from moe.data.metrics import TaskMetrics
+
+        return TaskMetrics(self.task_names, self.eval_tasks, self.train_tasks)
+
+    def evaluate(self, model):
+        """Exact match per evaluated task on the validation split (``moe.data.Evaluation``)."""
+        from moe.data import Evaluation
+        from moe.data.metrics import evaluate_tasks
+
+        accs = evaluate_tasks(model, self.val_split)
+        mean = sum(accs.values()) / len(accs)
+        return Evaluation(metrics={**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean},
+                          results={"tasks": accs, "mean_accuracy": mean}, title="Exact match on validation",
+                          table=accs)  # fmt: skip
 
     @property
     def train_tasks(self) -> list[str]:

@@ -1,5 +1,5 @@
 """The single-device model code: gating functions (``gating``), routing a batch of logits (``routing``), the
 router modules (``routers``), auxiliary losses (``losses``), expert MLPs (``experts``), the MoE layer
-(``layers``), SMEAR and Soft MoE (``smear``, ``soft_moe``), our transformer (``model``) and Hugging Face sparse
-MoE blocks to and from our layer (``hf``). Nothing here imports ``torch.distributed``: parallelism is applied from
+(``layers``), SMEAR and Soft MoE (``smear``, ``soft_moe``) and our transformer (``model``); Hugging Face models
+are wrapped around our layer in ``moe.hf``. Nothing here imports ``torch.distributed``: parallelism is applied from
 outside (``moe.parallel``)."""

@@ -94,6 +94,12 @@ class MoETransformer(nn.Module):
             if isinstance(m, Router):  # routers name their layer in errors
                 m.layer_name = name
 
+    @classmethod
+    def tokenizer(cls, cfg: ModelConfig) -> None:
+        """The tokenizer this model brings to the data (``moe.data.TrainData.from_config``): none, the data module
+        chooses its own vocabulary (the tasks' symbols, or bytes for text)."""
+        return None
+
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[RoutingResult]]:
         S = tokens_BS.shape[1]
         if S > self.cfg.max_seq_len:

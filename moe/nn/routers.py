@@ -114,6 +114,11 @@ class TopKRouter(Router):
             raise ValueError(f"router.impl=triton: the fused router does not cover {reason}; use router.impl=auto")
         self.fused = reason is None
 
+    @property
+    def uses_bias(self) -> bool:
+        """Experts are ranked by ``score + expert_bias``: the bias is updated, or imported (``select_bias``)."""
+        return self.cfg.bias_update_rate > 0 or self.cfg.select_bias
+
     def fused_reason(self) -> str | None:
         """None when the fused kernel covers this router, else why not. Jitter perturbs the gate's input, upstream
         of the logits, so it is covered; the aux-loss-free bias ranks ``score + bias`` inside the kernel."""
@@ -124,7 +129,7 @@ class TopKRouter(Router):
             return "router.learn_ssmax_s"
         if cfg.impl == "triton" and self.num_experts > MAX_EXPERTS:  # "auto" takes the reference there
             return f"model.num_experts={self.num_experts} > {MAX_EXPERTS}"
-        return fused_applies(cfg.score, cfg.order, cfg.bias_update_rate > 0, cfg.n_group, cfg.score_kwargs)
+        return fused_applies(cfg.score, cfg.order, self.uses_bias, cfg.n_group, cfg.score_kwargs)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.jitter > 0:
@@ -136,7 +141,7 @@ class TopKRouter(Router):
         logits_TE = self.logits(x_TD)
         common = dict(
             score=cfg.score, renormalize=cfg.renormalize, order=cfg.order, scaling=cfg.scaling,
-            bias=self.expert_bias if cfg.bias_update_rate > 0 else None, aux_loss_mode=cfg.aux_loss_mode,
+            bias=self.expert_bias if self.uses_bias else None, aux_loss_mode=cfg.aux_loss_mode,
             seq_len=seq_len, reduce_counts=self.reduce_counts, check=self.layer_name if self.training else None,
             defer=self.defer_checks,
         )  # fmt: skip
@@ -301,6 +306,9 @@ ROUTERS: dict[str, type[Router]] = {
 
 
 def build_router(d_model: int, num_experts: int, cfg: RouterConfig) -> Router:
+    if cfg.kind == "from_model":
+        raise ValueError("router.kind=from_model (router=from_model) takes the routing from a Hugging Face "
+                         "checkpoint's config: it needs model=hf; choose a router=... for this model")  # fmt: skip
     if cfg.kind not in ROUTERS:
         raise ValueError(f"router.kind={cfg.kind!r}: expected one of {sorted(ROUTERS)}")
     return ROUTERS[cfg.kind](d_model, num_experts, cfg)

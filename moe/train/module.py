@@ -1,4 +1,4 @@
-"""LightningModule for the MoE transformer: target-token loss + router losses, per-task accuracy.
+"""The one LightningModule: target-token loss + router losses, for our model or a wrapped Hugging Face one.
 
 Routing statistics and router schedules live in callbacks (``moe.callbacks``), which read the layers' routing
 results themselves; this module only adds the router losses to the training loss.
@@ -13,14 +13,13 @@ import lightning as L
 import torch
 from hydra.utils import get_class
 from torch import nn
-from torchmetrics import MeanMetric
 
 from moe.config import ModelConfig, OptimConfig, RouterConfig
+from moe.data.metrics import TaskMetrics, next_token_nll, per_example_loss
 from moe.data.tasks import ALL_TASKS
 from moe.nn.losses import router_loss
 from moe.nn.routers import Router
 from moe.nn.routing import raise_router_faults
-from moe.train.evaluate import target_loss_and_correct
 
 _ADAMW_KWARGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
 OPTIM_IMPLS = ("auto", *_ADAMW_KWARGS)
@@ -63,12 +62,13 @@ def build_model(model: ModelConfig, router: RouterConfig) -> nn.Module:
 
 
 class MoELitModule(L.LightningModule):
-    """Target-token cross-entropy plus the router losses (``moe.nn.losses.router_loss``).
+    """Next-token cross-entropy on the target tokens plus the router losses (``moe.nn.losses.router_loss``), for
+    any model ``model._target_`` names whose forward maps tokens ``[B, S]`` to ``(logits [B, S, V], routing results
+    per MoE layer)``: ours (``moe.nn.model.MoETransformer``) or a wrapped Hugging Face model (``moe.hf``).
 
-    objective "tasks" (the embedded multi-task data): validation logs ``val/acc/<task>``, ``val/mean_accuracy``,
-    ``val/mean_accuracy_trained`` (over the evaluated tasks in ``train_tasks``) and ``val/loss``. objective "lm"
-    (byte-level text, ``moe.data.pycode``): ``val/bpb/<domain>``, ``val/bpb`` and ``val/loss`` (bits per byte = nats /
-    ln 2; every scored token is one byte). ``task_names``: what a batch's ``task_id`` indexes.
+    What is measured is the data's business: ``metrics`` is the data module's ``moe.data.Metrics``
+    (``dm.metrics()``: exact match per task, or bits per byte per file group). Without it, the task data's
+    (``moe.data.metrics.TaskMetrics`` over ``task_names`` / ``eval_tasks`` / ``train_tasks``).
     """
 
     def __init__(
@@ -77,14 +77,12 @@ class MoELitModule(L.LightningModule):
         router: RouterConfig,
         optim: OptimConfig,
         max_steps: int,
+        metrics: nn.Module | None = None,
         eval_tasks: list[str] | None = None,
         train_tasks: list[str] | None = None,
         task_names: list[str] | None = None,
-        objective: str = "tasks",
     ):
         super().__init__()
-        if objective not in ("tasks", "lm"):
-            raise ValueError(f"objective={objective!r}: expected 'tasks' or 'lm'")
         self.save_hyperparameters(
             {"model": asdict(model), "router": asdict(router), "optim": asdict(optim), "max_steps": max_steps}
         )
@@ -93,12 +91,10 @@ class MoELitModule(L.LightningModule):
             if isinstance(m, Router):
                 m.defer_checks = True
         self.router_cfg, self.optim_cfg, self.max_steps = router, optim, max_steps
-        self.task_names, self.objective = list(task_names or ALL_TASKS), objective
-        self.eval_tasks = list(eval_tasks or self.task_names)
-        # val/mean_accuracy_trained averages the evaluated tasks the run trains on (all evaluated ones if none is)
-        self.trained_tasks = [t for t in self.eval_tasks if t in (train_tasks or self.eval_tasks)] or self.eval_tasks
-        self.val_task = nn.ModuleDict({t: MeanMetric() for t in self.eval_tasks})  # accuracy, or loss for "lm"
-        self.val_loss = MeanMetric()
+        if metrics is None:
+            names = list(task_names or ALL_TASKS)
+            metrics = TaskMetrics(names, list(eval_tasks or names), train_tasks)
+        self.val_metrics = metrics
 
     def forward(self, tokens: torch.Tensor):
         return self.model(tokens)
@@ -106,47 +102,31 @@ class MoELitModule(L.LightningModule):
     def _step(self, batch):
         tokens, mask = batch["tokens"], batch["target_mask"]
         logits, routings = self.model(tokens[:, :-1])
-        loss_B, correct_B = target_loss_and_correct(logits, tokens, mask)
-        return loss_B, correct_B, routings
+        nll_BS, correct_B = next_token_nll(logits, tokens, mask)
+        return nll_BS, correct_B, routings
 
     def training_step(self, batch, batch_idx):
-        loss_B, correct, routings = self._step(batch)
+        nll_BS, correct_B, routings = self._step(batch)
         raise_router_faults([r.aux.faults for r in routings if r.aux.faults is not None])  # one sync for all layers
-        ce = loss_B.mean()
+        ce = per_example_loss(nll_BS, batch["target_mask"]).mean()
         loss = ce + router_loss(routings, self.router_cfg.aux_loss_coef, self.router_cfg.z_loss_coef).to(ce)
-        quality = {"train/bpb": ce / math.log(2)} if self.objective == "lm" else {
-            "train/exact_match": correct.float().mean()}  # fmt: skip
+        quality = self.val_metrics.train_values(batch, nll_BS, correct_B)
         self.log_dict({"train/loss": loss, "train/ce": ce, **quality}, prog_bar=True,
                       batch_size=batch["tokens"].shape[0])  # fmt: skip
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss_B, correct, _ = self._step(batch)
-        self.val_loss.update(loss_B.mean(), weight=batch["tokens"].shape[0])
-        value = loss_B if self.objective == "lm" else correct.float()
-        for t in self.eval_tasks:
-            sel = batch["task_id"] == self.task_names.index(t)
-            if sel.any():
-                self.val_task[t].update(value[sel])
+        nll_BS, correct_B, _ = self._step(batch)
+        self.val_metrics.update(batch, nll_BS, correct_B)
 
     def on_validation_epoch_end(self):
-        per = {t: m.compute() for t, m in self.val_task.items() if m.update_called}
-        if not per:  # e.g. a sanity check that saw no full task
-            return
         # torchmetrics has already summed the metrics over ranks; sync_dist averages equal values (no-op)
-        val_loss = self.val_loss.compute()
-        if self.objective == "lm":
-            self.log_dict({f"val/bpb/{t}": v / math.log(2) for t, v in per.items()}, sync_dist=True)
-            self.log("val/bpb", val_loss / math.log(2), prog_bar=True, sync_dist=True)
-        else:
-            self.log_dict({f"val/acc/{t}": v for t, v in per.items()}, sync_dist=True)
-            self.log("val/mean_accuracy", torch.stack(list(per.values())).mean(), prog_bar=True, sync_dist=True)
-            trained = [per[t] for t in self.trained_tasks if t in per]
-            if trained:  # what a fine-tune's best checkpoint is chosen by
-                self.log("val/mean_accuracy_trained", torch.stack(trained).mean(), sync_dist=True)
-        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
-        for m in [*self.val_task.values(), self.val_loss]:
-            m.reset()
+        values = self.val_metrics.compute()
+        shown = set(self.val_metrics.prog_bar)
+        if values:
+            self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=True)
+            self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
+        self.val_metrics.reset()
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

@@ -39,8 +39,7 @@ from moe.train.checks import (
     first_process,
     strategy_target,
 )
-from moe.train.evaluate import evaluate_tasks
-from moe.train.module import MoELitModule, build_model
+from moe.train.module import MoELitModule, build_model, model_class
 from moe_merge_common.cli import CleanErrors, table_console
 from moe_merge_common.io import LIGHTNING_PREFIX
 
@@ -215,9 +214,9 @@ def run(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    dm = build_datamodule(cfg.data)
-    dm.setup("fit")  # bad data settings fail here, before the logger and checkpoints write into the run directory
     model_cfg = init.model if init and init.model else cfg.model
+    dm = build_datamodule(cfg.data, model_class(model_cfg).tokenizer(model_cfg))
+    dm.setup("fit")  # bad data settings fail here, before the logger and checkpoints write into the run directory
     model_cfg = replace(
         model_cfg,
         vocab_size=model_cfg.vocab_size or dm.vocab.size,
@@ -228,11 +227,7 @@ def run(cfg: TrainConfig) -> dict:
             f"model.vocab_size={model_cfg.vocab_size}, model.max_seq_len={model_cfg.max_seq_len}: the data needs "
             f">= {dm.vocab.size} and >= {dm.seq_len}"
         )
-    module = MoELitModule(
-        model_cfg, cfg.router, cfg.optim, cfg.trainer.max_steps, eval_tasks=dm.eval_tasks,
-        train_tasks=dm.train_tasks, task_names=dm.task_names, objective=dm.objective,
-    )  # fmt: skip
-    lm = dm.objective == "lm"  # the final evaluation: bits per byte, or exact match per task
+    module = MoELitModule(model_cfg, cfg.router, cfg.optim, cfg.trainer.max_steps, metrics=dm.metrics())
     if cfg.init_from:
         load_weights_into(module.model, init)
     init = None  # (its weights: Lightning loads a resumed run's checkpoint itself)
@@ -259,29 +254,16 @@ def run(cfg: TrainConfig) -> dict:
         model = build_model(model_cfg, cfg.router)
         model.load_state_dict(state)
         model.to(trainer.strategy.root_device)
-        if lm:
-            from moe.data.pycode import evaluate_bits_per_byte
-        if lm:  # bits per byte per held-out domain, and over all of them
-            bpb = evaluate_bits_per_byte(model, dm.val_split)
-            finals = {**{f"final/bpb/{d}": v for d, v in bpb.items() if d != "all"}, "final/bpb": bpb["all"]}
-        else:
-            accs = evaluate_tasks(model, dm.val_split)
-            mean = sum(accs.values()) / len(accs)
-            finals = {**{f"final/acc/{t}": a for t, a in accs.items()}, "final/mean_accuracy": mean}
+        ev = dm.evaluate(model)  # the data's own measure: exact match per task, bits per byte per file group
         for lg in trainer.loggers:
-            lg.log_metrics(finals, step=trainer.global_step)
+            lg.log_metrics(ev.metrics, step=trainer.global_step)
             lg.save()  # Lightning flushed the loggers when fit ended, before these
         weights = export_model(model, out / "export")
         where = {"checkpoint": str(final_ckpt.resolve()), "safetensors": str(weights.resolve()),
                  "steps": trainer.global_step}  # fmt: skip
-        if lm:
-            results = {"bits_per_byte": {d: v for d, v in bpb.items() if d != "all"}, "bpb": bpb["all"], **where}
-        else:
-            results = {"tasks": accs, "mean_accuracy": mean, **where}
+        results = {**ev.results, **where}
         atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
-        title = f"{'Bits per byte' if lm else 'Exact match'} on validation after {trainer.global_step} steps"
-        table = accuracy_table(results["bits_per_byte"] if lm else accs, title, "bits/byte" if lm else None)
-        table_console().print(table)
+        table_console().print(accuracy_table(ev.table, f"{ev.title} after {trainer.global_step} steps", ev.column))
         print(f"results: {out / 'results.json'}\nexport:  {weights.parent}")
         return results
     finally:
