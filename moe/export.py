@@ -10,9 +10,12 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from hydra.utils import get_class
 from safetensors.torch import save_file
+from torch import nn
 
 from moe.config import (
     ExpertChoiceConfig,
@@ -42,8 +45,24 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def export_model(model: MoETransformer, out_dir: str | os.PathLike) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns the weights path."""
+@runtime_checkable
+class PretrainedExport(Protocol):
+    """A model that writes its own export (``moe.hf.model.HFCausalLM``: a Hugging Face checkpoint directory)."""
+
+    def export(self, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path: ...
+
+
+def export_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """The model's export in ``out_dir``: its own (``PretrainedExport``), else ``model.safetensors`` +
+    ``config.json``; returns the weights path, or the directory of a model's own export."""
+    if isinstance(model, PretrainedExport):
+        return model.export(out_dir, tokenizer)
+    return export_weights(model, out_dir)
+
+
+def export_weights(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (``model.cfg``, ``model.router_cfg``);
+    returns the weights path."""
     out = Path(out_dir)
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     config = {"model": asdict(model.cfg), "router": asdict(model.router_cfg)}
@@ -71,6 +90,9 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, RouterConfig]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and "model" not in data and ("model_type" in data or "architectures" in data):
+            raise ValueError(f"{path}: a Hugging Face model config ({data.get('model_type')!r}), not one of our "
+                             f"exports: train it with model=hf model.path={path.parent}")  # fmt: skip
         return _from_dict(ModelConfig, data["model"], f"{path}:model"), _from_dict(
             RouterConfig, data["router"], f"{path}:router"
         )
@@ -85,6 +107,7 @@ class LoadedCheckpoint:
     path: Path
     state: dict[str, torch.Tensor]
     model: ModelConfig | None
+    router: RouterConfig | None = None
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
@@ -101,9 +124,8 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if is_deepspeed_checkpoint(path):  # Lightning's DeepSpeedStrategy saves a .ckpt as such a directory
         state, extra = read_deepspeed_checkpoint(path)
-        hparams = (extra.get("hyper_parameters") or {}).get("model")
-        model = _from_dict(ModelConfig, dict(hparams), f"{path}:hyper_parameters.model") if hparams else None
-        return LoadedCheckpoint(path, model_weights(state), model)
+        model, router = _hparams_configs(extra.get("hyper_parameters") or {}, path)
+        return LoadedCheckpoint(path, model_weights(state), model, router)
     if path.is_file() and path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{path}: expected a .safetensors file, a .ckpt file or an export directory")
     try:
@@ -114,13 +136,19 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         f = ck.files[path.name]
         if not (isinstance(f, StateDictFile) and f.lightning):
             raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-        hparams = ck.hparams.get("model")
-        model = _from_dict(ModelConfig, dict(hparams), f"{path}:hyper_parameters.model") if hparams else None
+        model, router = _hparams_configs(ck.hparams, path)
     else:
         config = ck.folder / CONFIG_NAME
-        model = read_config(config)[0] if config.exists() else None
+        model, router = read_config(config) if config.exists() else (None, None)
     where = path / WEIGHTS_NAME if path.is_dir() and (path / WEIGHTS_NAME).is_file() else path
-    return LoadedCheckpoint(where, {name: ck.read(name) for name in ck.names}, model)
+    return LoadedCheckpoint(where, {name: ck.read(name) for name in ck.names}, model, router)
+
+
+def _hparams_configs(hparams: dict, path: Path) -> tuple[ModelConfig | None, RouterConfig | None]:
+    """The model and router configs a checkpoint's ``hyper_parameters`` record (None where absent)."""
+    model, router = hparams.get("model"), hparams.get("router")
+    return (_from_dict(ModelConfig, dict(model), f"{path}:hyper_parameters.model") if model else None,
+            _from_dict(RouterConfig, dict(router), f"{path}:hyper_parameters.router") if router else None)
 
 
 def load_weights_into(model: MoETransformer, ckpt: LoadedCheckpoint) -> None:
@@ -140,9 +168,10 @@ def load_weights_into(model: MoETransformer, ckpt: LoadedCheckpoint) -> None:
     model.load_state_dict(state)
 
 
-def load_model(export_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> MoETransformer:
-    """Build the model from ``export_dir/config.json`` and load ``weights`` (default: the export's own)."""
+def load_model(export_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> nn.Module:
+    """Build the model ``export_dir/config.json`` records (its ``model._target_``) and load ``weights`` (default:
+    the export's own)."""
     model_cfg, router_cfg = read_config(Path(export_dir) / CONFIG_NAME)
-    model = MoETransformer(model_cfg, router_cfg)
+    model = get_class(model_cfg._target_)(model_cfg, router_cfg)
     load_weights_into(model, load_checkpoint(weights or export_dir))
     return model

@@ -23,6 +23,7 @@ from moe.hf.blocks import ARCHS, HFMoEBlock, arch_of, from_hf_sparse_block, rout
 from moe.nn.routers import Router
 from moe.nn.routing import RoutingResult
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # config attributes that make an architecture an MoE one: refused unless ARCHS converts its blocks
 _EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -122,7 +123,27 @@ class HFCausalLM(nn.Module):
         return logits, [b.routing for b in self.moe_blocks if b.routing is not None]
 
     def export(self, out_dir, tokenizer=None) -> Path:
-        """Write a Hugging Face checkpoint directory (``moe.hf.export.save_pretrained``); returns its path."""
+        """Write a Hugging Face checkpoint directory (``moe.hf.export.save_pretrained``); returns its path. A
+        routing the architecture cannot express (``export_problems``) is written in our own format instead
+        (``model.safetensors`` + ``config.json``, ``moe.export.load_model`` reads it), with a warning. ``tokenizer``:
+        default the source's own."""
+        from moe.export import export_weights
         from moe.hf.export import save_pretrained
 
+        if self.export_problems:
+            log.warning("export: the %s architecture cannot express this routing (%s): writing our own format",
+                        self.config.model_type, "; ".join(self.export_problems))
+            return export_weights(self, out_dir).parent
+        if tokenizer is None:
+            try:
+                tokenizer = self.tokenizer(self.cfg)
+            except (OSError, ValueError) as e:  # a source without tokenizer files: the export has none either
+                log.warning("export: no tokenizer written (%s: %s)", self.cfg.path, e)
         return save_pretrained(self, out_dir, tokenizer)
+
+    @property
+    def export_problems(self) -> list[str]:
+        """What of the routing a Hugging Face config of this architecture cannot express (empty: none)."""
+        from moe.hf.export import routing_mismatch
+
+        return routing_mismatch(self.router_cfg, self.config)

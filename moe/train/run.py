@@ -215,7 +215,8 @@ def run(cfg: TrainConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model_cfg = init.model if init and init.model else cfg.model
-    dm = build_datamodule(cfg.data, model_class(model_cfg).tokenizer(model_cfg))
+    tokenizer = model_class(model_cfg).tokenizer(model_cfg)  # the model's own (model=hf), else None
+    dm = build_datamodule(cfg.data, tokenizer)
     dm.setup("fit")  # bad data settings fail here, before the logger and checkpoints write into the run directory
     model_cfg = replace(
         model_cfg,
@@ -258,13 +259,13 @@ def run(cfg: TrainConfig) -> dict:
         for lg in trainer.loggers:
             lg.log_metrics(ev.metrics, step=trainer.global_step)
             lg.save()  # Lightning flushed the loggers when fit ended, before these
-        weights = export_model(model, out / "export")
-        where = {"checkpoint": str(final_ckpt.resolve()), "safetensors": str(weights.resolve()),
-                 "steps": trainer.global_step}  # fmt: skip
+        weights = export_model(model, out / "export", tokenizer)
+        kind = "export" if weights.is_dir() else "safetensors"  # a Hugging Face directory, or our weights file
+        where = {"checkpoint": str(final_ckpt.resolve()), kind: str(weights.resolve()), "steps": trainer.global_step}
         results = {**ev.results, **where}
         atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
         table_console().print(accuracy_table(ev.table, f"{ev.title} after {trainer.global_step} steps", ev.column))
-        print(f"results: {out / 'results.json'}\nexport:  {weights.parent}")
+        print(f"results: {out / 'results.json'}\nexport:  {weights if weights.is_dir() else weights.parent}")
         return results
     finally:
         if isinstance(logger, WandbLogger):
