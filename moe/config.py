@@ -188,7 +188,7 @@ class TextConfig:
     files: Any = None
     text_field: str = "text"
     tokenizer: str = "auto"  # "auto": the model's own (model=hf), else bytes; "bytes"; or a tokenizer directory
-    val_fraction: float = 0.05  # share of each group's documents held out, chosen by document hash
+    val_fraction: float = 0.05  # share of each group's bytes held out: whole documents, chosen by a hash of the text
     split_seed: int = 0  # salt of that hash
     tune_fraction: float = 0.0  # share of the training documents held out as a tuning split (merge search)
     seq_len: int = 512  # tokens the model reads per window (a window holds seq_len + 1 tokens)

@@ -1,21 +1,23 @@
-"""Byte-level language modelling on the Python standard library's own source (no download).
+"""Byte-level language modelling on the Python standard library's own source (no download): ``data=text``'s
+pipeline (``moe.data.text.LMDataModule``, ``moe.data.windows``) with pycode's own files, groups and split units.
 
 The corpus is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` (minus tests, third-party packages and
-generated tables, see ``PyCodeConfig.exclude``). Batches have the multi-task format of ``moe.data.tasks``:
-``tokens [B, S+1]`` int64, ``target_mask [B, S+1]`` bool, ``task_id [B]`` int64 (the index in ``DOMAINS``).
+generated tables, see ``PyCodeConfig.exclude``). Batches are ``moe.data.windows``'s: ``tokens [B, S+1]`` int64,
+``target_mask [B, S+1]`` bool, ``task_id [B]`` int64 (the index in ``DOMAINS``), ``target_bytes [B, S+1]`` int32.
 
 - **Vocabulary** (``ByteVocab``, 257 ids): ids 0..255 are the byte values, 256 is ``BOS``, written before every
   file (a document separator) and used as padding. ``BOS`` is never scored: ``target_mask`` is False on it and on
   the first position of each window, so every scored target is one byte and ``loss / ln 2`` is bits per byte.
-- **Domains**: the top-level package a file belongs to, if it is one of ``DOMAINS``, else ``"other"``.
+- **Domains** (the groups): the top-level package a file belongs to, if it is one of ``DOMAINS``, else ``"other"``.
 - **Split**: by path, never by position in a file. The unit is a module: a file, except that a package in
   ``other`` (``logging/``, ``ctypes/``...) goes whole. Per domain, units are ordered by a SHA-256 hash of their
   relative path and taken into validation until ``val_fraction`` of the domain's bytes is held out (at least
-  one unit each side). So the split is the same on every run and in any file-listing order, and no validation
-  file's bytes are ever trained on. ``tune_fraction > 0`` then holds out a tuning split from the training units
-  the same way (salt ``split_seed + 1``): trained on by nothing, reported by nothing (``tune_split``).
+  one unit each side; ``moe.data.windows.split_units``). So the split is the same on every run and in any
+  file-listing order, and no validation file's bytes are ever trained on. ``tune_fraction > 0`` then holds out a
+  tuning split from the training units the same way (salt ``split_seed + 1``): trained on by nothing, reported
+  by nothing (``tune_split``).
 - **Windows**: per split, each domain's files are concatenated (``[BOS, file, BOS, file, ...]``, sorted by path)
-  into one segment of a single uint8 tensor; a window never crosses domains. Training draws ``train_windows``
+  into one segment of a single token tensor; a window never crosses domains. Training draws ``train_windows``
   random windows per epoch, a pure function of ``(seed, epoch)``; validation takes ``val_windows_per_domain``
   evenly spaced windows per domain, fixed.
 - **Token classes** (``token_classes``): letter, digit, whitespace, punctuation, keyword (every byte of a whole
@@ -25,25 +27,36 @@ generated tables, see ``PyCodeConfig.exclude``). Batches have the multi-task for
 
 from __future__ import annotations
 
-import hashlib
 import keyword
 import math
 import os
 import string
 import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from moe.config import PyCodeConfig
-from moe.data.tasks import SplitDataset, TaskSplit
+from moe.data.tasks import TaskSplit
+from moe.data.text import LMDataModule, group_bits_per_byte
+from moe.data.windows import (  # noqa: F401  (EpochSampler, TrainWindows, gather_windows: pycode's names, kept)
+    BOS,
+    ByteVocab,
+    Document,
+    EpochSampler,
+    TokenCorpus,
+    TrainWindows,
+    gather_windows,
+    pack,
+    split_units,
+    val_windows,
+)
+
+ByteCorpus = TokenCorpus  # pycode's name: one split's bytes, a segment per domain
 
 # Top-level stdlib packages with >= ~40 KB of source on 3.10-3.13 that the routing heatmap shows as rows;
 # everything else is "other" (which must stay last).
@@ -65,19 +78,6 @@ DOMAINS = (
 )
 CLASS_NAMES = ("letter", "digit", "whitespace", "punctuation", "keyword", "other")
 LETTER, DIGIT, WHITESPACE, PUNCTUATION, KEYWORD, OTHER = range(len(CLASS_NAMES))
-BOS = 256
-_SEP_BYTE = 0  # BOS as stored in the uint8 corpus: NUL cannot occur in Python source (files holding one are skipped)
-
-
-@dataclass(frozen=True)
-class ByteVocab:
-    """Bytes 0..255, then ``BOS`` (document separator and padding, never a target)."""
-
-    @property
-    def size(self) -> int:
-        return BOS + 1
-
-
 def validate_pycode_config(cfg: PyCodeConfig) -> None:
     for name in ("domains", "eval_domains"):
         for d in getattr(cfg, name) or ():
@@ -134,145 +134,36 @@ def list_files(root: str | Path, exclude: list[str] | tuple[str, ...] = ()) -> l
     return sorted(out, key=lambda f: f.path)
 
 
-def _path_hash(unit: str, salt: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{salt}:{unit}".encode()).digest()[:8], "big")
-
-
 def split_files(
     files: list[SourceFile], val_fraction: float, salt: int = 0
 ) -> tuple[list[SourceFile], list[SourceFile]]:
-    """(train, val), each sorted by path. Per domain, units are visited in hash order and each one that brings the
-    held-out bytes closer to ``val_fraction`` of the domain's goes to validation (the smallest unit if none does);
-    the last unit in hash order always stays in training."""
+    """(train, val), each sorted by path: per domain, the units ``moe.data.windows.split_units`` holds out of
+    ``val_fraction`` of the domain's bytes, hashing their relative paths."""
     val_units: set[str] = set()
     for domain in DOMAINS:
         sizes: dict[str, int] = {}
         for f in files:
             if f.domain == domain:
                 sizes[f.unit] = sizes.get(f.unit, 0) + f.size
-        if len(sizes) < 2:
-            continue
-        order = sorted(sizes, key=lambda u: (_path_hash(u, salt), u))[:-1]
-        target, held, chosen = val_fraction * sum(sizes.values()), 0, []
-        for unit in order:
-            if held + sizes[unit] / 2 <= target:  # |held + size - target| <= |held - target|
-                chosen.append(unit)
-                held += sizes[unit]
-        val_units.update(chosen or [min(order, key=lambda u: (sizes[u], _path_hash(u, salt)))])
+        val_units |= split_units(sizes, val_fraction, salt)
     files = sorted(files, key=lambda f: f.path)
     return [f for f in files if f.unit not in val_units], [f for f in files if f.unit in val_units]
 
 
-@dataclass
-class ByteCorpus:
-    """One split as a single uint8 tensor: per domain, ``[SEP, file, SEP, file, ...]`` (SEP stored as byte 0).
-
-    ``seg_domain[i]`` is the DOMAINS index of segment ``i`` = ``data[seg_start[i] : seg_end[i]]``.
-    """
-
-    data: torch.Tensor  # [N] uint8
-    seg_domain: torch.Tensor  # [G] int64
-    seg_start: torch.Tensor  # [G] int64
-    seg_end: torch.Tensor  # [G] int64
-    files: list[str]  # relative paths it holds
-
-
 def build_corpus(root: str | Path, files: list[SourceFile], domains: list[str] | None = None) -> ByteCorpus:
-    """Read ``files`` (restricted to ``domains``) into a ByteCorpus; a file holding a NUL byte is skipped."""
-    root = Path(root)
-    chunks: list[bytes] = []
-    seg_domain, seg_start, seg_end, kept = [], [], [], []
-    pos = 0
+    """Read ``files`` (restricted to ``domains``) into a ByteCorpus, a segment per domain in ``DOMAINS`` order,
+    files in path order; a file holding a NUL byte is skipped (binary)."""
+    root, groups = Path(root), []
     for d, domain in enumerate(DOMAINS):
         if domains is not None and domain not in domains:
             continue
-        start = pos
+        docs = []
         for f in (f for f in files if f.domain == domain):
             raw = (root / f.path).read_bytes()
-            if b"\0" in raw:
-                continue
-            chunks += [b"\0", raw]
-            pos += 1 + len(raw)
-            kept.append(f.path)
-        if pos > start:
-            seg_domain.append(d)
-            seg_start.append(start)
-            seg_end.append(pos)
-    data = torch.from_numpy(np.frombuffer(b"".join(chunks), dtype=np.uint8).copy())
-    seg_domain, seg_start, seg_end = (torch.tensor(x, dtype=torch.int64) for x in (seg_domain, seg_start, seg_end))
-    return ByteCorpus(data, seg_domain, seg_start, seg_end, kept)
-
-
-def gather_windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tokens [B, length]`` int64 (SEP -> BOS) and ``target_mask`` (False at BOS and at position 0)."""
-    tokens = data[starts[:, None] + torch.arange(length)].long()
-    tokens[tokens == _SEP_BYTE] = BOS
-    mask = tokens != BOS
-    mask[:, 0] = False
-    return tokens, mask
-
-
-class TrainWindows(Dataset):
-    """Every window of ``seq_len + 1`` tokens inside one domain segment; index ``i`` is the i-th such window."""
-
-    def __init__(self, corpus: ByteCorpus, seq_len: int):
-        self.corpus, self.length = corpus, seq_len + 1
-        counts = (corpus.seg_end - corpus.seg_start - self.length + 1).clamp_min(0)  # segments too short: none
-        self.cum = torch.cumsum(counts, 0)
-        self.first = self.cum - counts  # index of each segment's first window
-
-    def __len__(self) -> int:
-        return int(self.cum[-1]) if len(self.cum) else 0
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])
-
-    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        ix = torch.as_tensor(idx, dtype=torch.int64)
-        seg = torch.searchsorted(self.cum, ix, right=True)
-        starts = self.corpus.seg_start[seg] + ix - self.first[seg]
-        tokens, mask = gather_windows(self.corpus.data, starts, self.length)
-        return {"tokens": tokens, "target_mask": mask, "task_id": self.corpus.seg_domain[seg]}
-
-
-class EpochSampler(Sampler[int]):
-    """``num_samples`` uniform indices in ``[0, n)`` per epoch, drawn from ``(seed, epoch)`` alone (Lightning calls
-    ``set_epoch`` at each epoch start), so epoch e is the same whatever happened before it."""
-
-    def __init__(self, n: int, num_samples: int, seed: int):
-        if n < 1:
-            raise ValueError("no training window fits: every selected domain is shorter than seq_len + 1 bytes")
-        self.n, self.num_samples, self.seed, self.epoch = n, num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_path_hash(f"{self.seed}/{self.epoch}", 0) >> 1)
-        return iter(torch.randint(self.n, (self.num_samples,), generator=g).tolist())
-
-
-def val_windows(corpus: ByteCorpus, seq_len: int, per_domain: int) -> TaskSplit:
-    """Up to ``per_domain`` evenly spaced windows per segment (one BOS-padded window if the segment is short)."""
-    length = seq_len + 1
-    tokens, masks, task_ids = [], [], []
-    for d, a, b in zip(corpus.seg_domain.tolist(), corpus.seg_start.tolist(), corpus.seg_end.tolist()):
-        if b - a >= length:
-            m = min(per_domain, (b - a - 1) // seq_len)
-            starts = torch.linspace(a, b - length, m, dtype=torch.float64).round().long()
-            tok, mask = gather_windows(corpus.data, starts, length)
-        else:
-            padded = torch.cat([corpus.data[a:b], torch.full((length - (b - a),), _SEP_BYTE, dtype=torch.uint8)])
-            tok, mask = gather_windows(padded, torch.zeros(1, dtype=torch.int64), length)
-        tokens.append(tok)
-        masks.append(mask)
-        task_ids.append(torch.full((tok.shape[0],), d, dtype=torch.int64))
-    if not tokens:
-        raise ValueError("no validation text: the selected eval domains hold no validation file")
-    return TaskSplit(torch.cat(tokens), torch.cat(masks), torch.cat(task_ids))
+            if b"\0" not in raw:
+                docs.append(Document(f.path, np.frombuffer(raw, dtype=np.uint8), None))
+        groups.append((d, docs))
+    return pack(groups, BOS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,55 +171,43 @@ def val_windows(corpus: ByteCorpus, seq_len: int, per_domain: int) -> TaskSplit:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _identity(batch):
-    return batch
+class PyCodeDataModule(LMDataModule):
+    """``data=pycode`` (``moe.data.TrainData``, objective "lm"): ``moe.data.text.LMDataModule`` over the stdlib's
+    files, bytes as tokens (``dm.vocab.size`` 257), ``DOMAINS`` as groups; built from ``data.pycode``."""
 
-
-class PyCodeDataModule(L.LightningDataModule):
-    """``data=pycode`` (``moe.data.TrainData``, objective "lm"): ``dm.vocab.size`` (257) and ``dm.seq_len`` are
-    what the model needs, as for ``MultiTaskDataModule``; built from ``data.pycode``."""
-
-    objective = "lm"
     task_names = list(DOMAINS)  # task_id indexes this list
+    class_names = list(CLASS_NAMES)  # what token_classes returns indexes this list (routing heatmaps)
 
     @classmethod
     def check_config(cls, cfg) -> None:
         validate_pycode_config(cfg.pycode)
 
     @classmethod
-    def from_config(cls, cfg) -> PyCodeDataModule:
-        return cls(cfg.pycode)
+    def from_config(cls, cfg, tokenizer=None) -> PyCodeDataModule:
+        return cls(cfg.pycode)  # bytes, whatever the model's tokenizer
+
+    def __init__(self, cfg: PyCodeConfig):
+        validate_pycode_config(cfg)
+        super().__init__(task_names=list(DOMAINS), vocab=ByteVocab(), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                         train_windows=cfg.train_windows, seed=cfg.seed, num_workers=cfg.num_workers,
+                         eval_batch_size=128)  # fmt: skip
+        self.cfg = cfg
+        self.root = Path(cfg.root) if cfg.root else stdlib_root()
+        self.train_files: list[SourceFile] | None = None
+        self.val_files: list[SourceFile] | None = None
+        self.tune_files: list[SourceFile] = []
 
     @property
     def train_tasks(self) -> list[str] | None:
         return list(self.cfg.domains) if self.cfg.domains else None
-    class_names = list(CLASS_NAMES)  # what token_classes returns indexes this list (routing heatmaps)
-
-    def __init__(self, cfg: PyCodeConfig):
-        super().__init__()
-        validate_pycode_config(cfg)
-        self.cfg = cfg
-        self.vocab = ByteVocab()
-        self.seq_len = cfg.seq_len  # the model sees tokens[:, :-1]
-        self.root = Path(cfg.root) if cfg.root else stdlib_root()
-        self.train_files: list[SourceFile] | None = None
-        self.val_files: list[SourceFile] | None = None
-        self.train_corpus: ByteCorpus | None = None
-        self.val_split: TaskSplit | None = None
-        self.tune_files: list[SourceFile] = []
-        self.tune_split: TaskSplit | None = None  # windows of the tuning modules (cfg.tune_fraction > 0)
-
-    @staticmethod
-    def token_classes(tokens: torch.Tensor) -> torch.Tensor:
-        return token_classes(tokens)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab.size
 
     @property
     def eval_tasks(self) -> list[str]:
         return list(self.cfg.eval_domains or DOMAINS)
+
+    @staticmethod
+    def token_classes(tokens: torch.Tensor) -> torch.Tensor:
+        return token_classes(tokens)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_corpus is not None:
@@ -346,26 +225,6 @@ class PyCodeDataModule(L.LightningDataModule):
         self.train_corpus = build_corpus(self.root, self.train_files, self.cfg.domains)
         val_corpus = build_corpus(self.root, self.val_files, self.eval_tasks)
         self.val_split = val_windows(val_corpus, self.cfg.seq_len, self.cfg.val_windows_per_domain)
-
-    def train_dataloader(self) -> DataLoader:
-        ds = TrainWindows(self.train_corpus, self.cfg.seq_len)
-        return DataLoader(
-            ds,
-            batch_size=self.cfg.batch_size,
-            sampler=EpochSampler(len(ds), self.cfg.train_windows, self.cfg.seed),
-            drop_last=True,
-            collate_fn=_identity,
-            num_workers=self.cfg.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            SplitDataset(self.val_split),
-            batch_size=128,
-            shuffle=False,
-            collate_fn=_identity,
-            num_workers=self.cfg.num_workers,
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,25 +298,7 @@ def bits_per_byte(loss_nats_per_token: float | torch.Tensor) -> float:
     return float(loss_nats_per_token) / math.log(2)
 
 
-@torch.no_grad()
 def evaluate_bits_per_byte(model: nn.Module, split: TaskSplit, batch_size: int = 128) -> dict[str, float]:
-    """Bits per byte per domain present in ``split`` and over all of it ("all"), weighted by scored bytes.
-
-    ``model(tokens[:, :-1])`` returns ``(logits [B, S, V], ...)`` as ``MoETransformer`` does."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    n = len(DOMAINS)
-    nats, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    for i in range(0, split.tokens.shape[0], batch_size):
-        tokens = split.tokens[i : i + batch_size].to(device)
-        mask = split.target_mask[i : i + batch_size, 1:].to(device)
-        logits = model(tokens[:, :-1])[0]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none") * mask
-        task = split.task_id[i : i + batch_size]
-        nats.index_add_(0, task, ce.sum(1).double().cpu())
-        count.index_add_(0, task, mask.sum(1).double().cpu())
-    model.train(was_training)
-    out = {DOMAINS[d]: bits_per_byte(nats[d] / count[d]) for d in range(n) if count[d] > 0}
-    out["all"] = bits_per_byte(nats.sum() / count.sum())
-    return out
+    """Bits per byte per domain present in ``split`` and over all of it ("all"), weighted by scored bytes
+    (``moe.data.text.group_bits_per_byte``). ``model(tokens[:, :-1])`` returns ``(logits [B, S, V], ...)``."""
+    return group_bits_per_byte(model, split, list(DOMAINS), batch_size)

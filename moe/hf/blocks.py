@@ -75,8 +75,9 @@ def router_from_config(config, base: RouterConfig | None = None) -> RouterConfig
         raise ValueError(f"config.hidden_act={act!r}: our experts are SwiGLU, which needs 'silu'")
     k = int(config.num_experts_per_tok)
     renormalize = arch.always_renormalize or bool(getattr(config, "norm_topk_prob", False))
+    jitter = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
     fields = dict(kind="topk", score=arch.score, score_kwargs={}, k=k, renormalize=renormalize,
-                  order="score_then_topk", jitter=float(getattr(config, "router_jitter_noise", 0.0) or 0.0))  # fmt: skip
+                  order="score_then_topk", jitter=jitter)  # fmt: skip
     if arch.score == "sigmoid":  # DeepSeek-V3: groups, routed_scaling_factor, e_score_correction_bias
         fields |= dict(scaling=float(config.routed_scaling_factor), n_group=int(config.n_group),
                        topk_group=int(config.topk_group), select_bias=True)  # fmt: skip
@@ -141,7 +142,8 @@ def to_hf_state_dict(layer: MoELayer, model_type: str = "mixtral") -> dict[str, 
     if layer.shared is not None:
         p = arch.shared or "shared_expert"
         gate, up = sd["shared.gate_up.weight"].chunk(2, dim=0)
-        out |= {f"{p}.gate_proj.weight": gate, f"{p}.up_proj.weight": up, f"{p}.down_proj.weight": sd["shared.down.weight"]}
+        out |= {f"{p}.gate_proj.weight": gate, f"{p}.up_proj.weight": up,
+                f"{p}.down_proj.weight": sd["shared.down.weight"]}  # fmt: skip
         if layer.shared_gate is not None:
             out["shared_expert_gate.weight"] = sd["shared_gate.weight"]
     return {k: v.contiguous() for k, v in out.items()}
