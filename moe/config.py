@@ -318,11 +318,27 @@ def _required(key: str, *alternatives: str, _root_: Any) -> None:
     raise ValueError(f"{key} is required by this configuration: add {key}=...{hint} to the command line")
 
 
+def _data_monitor(which: str, *, _root_: Any) -> str:
+    """``${data_monitor:name}`` / ``${data_monitor:mode}``: the validation value the data module ``data._target_``
+    chooses the best checkpoint by (its ``monitor`` class attribute, ``moe.data.TrainData``)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(_root_, "data._target_")
+    try:
+        name, mode = get_class(target).monitor
+    except Exception:  # not importable, or no monitor: train.py refuses the class itself, naming data._target_
+        name, mode = "val/loss", "min"
+    if which not in ("name", "mode"):
+        raise ValueError(f"${{data_monitor:{which}}}: expected name or mode")
+    return name if which == "name" else mode
+
+
 def register_resolvers() -> None:
     """The OmegaConf resolvers the YAML files in conf/ use (idempotent)."""
     from moe_merge_common.cli import config_groups_listing, register_resolver
 
     register_resolver("required", _required)
+    register_resolver("data_monitor", _data_monitor)
     register_resolver("config_groups", config_groups_listing)
 
 

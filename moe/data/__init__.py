@@ -73,11 +73,13 @@ class Metrics(Protocol):
 class TrainData(Protocol):
     """What a run needs from a data module (a ``LightningDataModule``) beyond Lightning's hooks.
 
+    ``monitor``: the validation value the best checkpoint is chosen by, and whether lower or higher is better;
     ``objective``: "tasks" (loss and exact match on each example's target tokens, per task) or "lm" (next-token
     loss on every token, bits per byte); ``vocab.size`` and ``seq_len``: what the model must cover;
     ``task_names`` (``task_id`` indexes it), ``eval_tasks`` (validated), ``train_tasks`` (trained on)."""
 
     objective: ClassVar[str]
+    monitor: ClassVar[tuple[str, str]]  # (logged name, "min" | "max"): what the best checkpoint is chosen by
     task_names: list[str]
     vocab: Any
     seq_len: int

@@ -288,6 +288,9 @@ class MultiTaskDataModule(L.LightningDataModule):
     """The embedded tasks (``data=multitask``, ``moe.data.TrainData``): ``objective`` "tasks"."""
 
     objective = "tasks"
+    # what the best checkpoint is chosen by (conf/callbacks: ${data_monitor:...}): = val/mean_accuracy unless a
+    # fine-tune trains on fewer tasks than it evaluates
+    monitor = ("val/mean_accuracy_trained", "max")
     task_names = list(ALL_TASKS)  # task_id indexes this list (routing statistics)
 
     @classmethod

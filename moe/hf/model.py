@@ -102,6 +102,7 @@ class HFCausalLM(nn.Module):
                     layer = from_hf_sparse_block(module, config, router)
                     setattr(self.hf.get_submodule(parent), attr, HFMoEBlock(layer))
                     del module
+        self.hf.train()  # from_pretrained leaves it in eval mode; a module starts in training mode
         self.moe_blocks = [m for m in self.hf.modules() if isinstance(m, HFMoEBlock)]
         for name, m in self.named_modules():
             if isinstance(m, Router):  # routers name their layer in errors

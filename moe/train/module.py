@@ -128,6 +128,12 @@ class MoELitModule(L.LightningModule):
             self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
 
+    def _optim_impl(self) -> str:
+        """``optim.impl``; "auto" is not "fused" under mixed precision: Lightning's AMP plugin clips gradients
+        itself, which a fused AdamW (unscaling inside its step) does not allow."""
+        mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+        return "foreach" if self.optim_cfg.impl == "auto" and mixed else self.optim_cfg.impl
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
         decay = [p for p in self.parameters() if p.dim() >= 2]
@@ -139,7 +145,7 @@ class MoELitModule(L.LightningModule):
             ],
             lr=cfg.lr,
             betas=tuple(cfg.betas),
-            **adamw_impl(cfg.impl, list(self.parameters())),
+            **adamw_impl(self._optim_impl(), list(self.parameters())),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio)
