@@ -218,7 +218,8 @@ class DataConfig:
     pycode: PyCodeConfig = field(default_factory=PyCodeConfig)  # data=pycode's settings
     text: TextConfig = field(default_factory=TextConfig)  # data=text's settings
     # the LightningDataModule class built from this node (``from_config(data)``, moe.data.TrainData): the embedded
-    # tasks (these fields) or moe.data.pycode.PyCodeDataModule (data.pycode); conf/data/*.yaml set it
+    # tasks (these fields), moe.data.pycode.PyCodeDataModule (data.pycode) or moe.data.text.TextDataModule
+    # (data.text); conf/data/*.yaml set it
     _target_: str = "moe.data.tasks.MultiTaskDataModule"
 
 

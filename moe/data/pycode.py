@@ -78,6 +78,8 @@ DOMAINS = (
 )
 CLASS_NAMES = ("letter", "digit", "whitespace", "punctuation", "keyword", "other")
 LETTER, DIGIT, WHITESPACE, PUNCTUATION, KEYWORD, OTHER = range(len(CLASS_NAMES))
+
+
 def validate_pycode_config(cfg: PyCodeConfig) -> None:
     for name in ("domains", "eval_domains"):
         for d in getattr(cfg, name) or ():
