@@ -49,7 +49,8 @@ def corpus(tmp_path_factory) -> Path:
 def overrides(model_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
     files = f'data.text.files={{code: "{corpus}/code/*.py", prose: "{corpus}/prose/*.txt"}}'
     return ["model=hf", f"model.path={model_dir}", "data=text", files, "data.text.seq_len=32",
-            "data.text.batch_size=4", "data.text.val_windows_per_group=4", f"data.text.cache_dir={out.parent / 'cache'}",
+            "data.text.batch_size=4", "data.text.val_windows_per_group=4",
+            f"data.text.cache_dir={out.parent / 'cache'}",
             "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "logger=csv",
             "optim.warmup_steps=1", f"output_dir={out}", *extra]  # fmt: skip
 
@@ -118,3 +119,18 @@ def test_expert_parallel_run_exports_the_gathered_experts_and_the_cli_export_equ
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert sum(".experts." in k for k in a) == 2 * 4 * 3  # layers x experts x (w1, w2, w3)
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 4
+
+
+def test_resume_from_last_continues_the_run_to_the_uninterrupted_weights(corpus, tmp_path):
+    src = save_model("qwen3_moe", tmp_path / "src")
+    flat_lr = ["optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "callbacks.last_checkpoint.every_n_train_steps=2"]
+    full = run(compose_train(overrides(src, corpus, tmp_path / "full", "trainer.max_steps=6", *flat_lr)))
+    run(compose_train(overrides(src, corpus, tmp_path / "cut", "trainer.max_steps=4", *flat_lr)))
+    resumed = run(compose_train(overrides(src, corpus, tmp_path / "cut", "trainer.max_steps=6", "ckpt_path=last",
+                                          *flat_lr)))  # fmt: skip
+    assert resumed["steps"] == full["steps"] == 6
+    from safetensors.torch import load_file
+
+    a = load_file(Path(full["export"]) / "model.safetensors")
+    b = load_file(Path(resumed["export"]) / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

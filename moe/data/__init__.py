@@ -32,7 +32,8 @@ from moe.data.tasks import (
     validate_data_config,
 )
 
-__all__ = ["Evaluation", "Metrics", "TrainData", "ALL_TASKS", "DIGIT_BASE", "MultiTaskDataModule", "PAD", "PLUS", "QUERY", "ResumableDataLoader", "SEP",
+__all__ = ["Evaluation", "Metrics", "TrainData",
+           "ALL_TASKS", "DIGIT_BASE", "MultiTaskDataModule", "PAD", "PLUS", "QUERY", "ResumableDataLoader", "SEP",
            "SYMBOL_BASE", "SplitDataset", "TASK_BASE", "TaskSplit", "Vocab", "build_splits", "max_example_len",
            "validate_data_config"]  # fmt: skip
 
@@ -40,13 +41,15 @@ __all__ = ["Evaluation", "Metrics", "TrainData", "ALL_TASKS", "DIGIT_BASE", "Mul
 @dataclass
 class Evaluation:
     """A data module's final evaluation of a trained model (``TrainData.evaluate``): ``metrics`` are logged (as
-    ``final/...``), ``results`` go to results.json, ``table`` (row -> value, under ``column``) is printed."""
+    ``final/...``), ``results`` go to results.json, ``table`` (row -> value, under ``column``, then ``summary``) is
+    printed."""
 
     metrics: dict[str, float]
     results: dict[str, Any]
     title: str
     table: dict[str, float] = field(default_factory=dict)
     column: str | None = None
+    summary: tuple[str, float] | None = None  # the table's last row; None: the mean of the rows
 
 
 @runtime_checkable

@@ -186,7 +186,10 @@ class PyCodeDataModule(LMDataModule):
 
     @classmethod
     def from_config(cls, cfg, tokenizer=None) -> PyCodeDataModule:
-        return cls(cfg.pycode)  # bytes, whatever the model's tokenizer
+        if tokenizer is not None:
+            raise ValueError("data=pycode is byte-level: it cannot use the model's tokenizer (for a model=hf run, "
+                             "data=text 'data.text.files=[...]' tokenizes with the model's own)")  # fmt: skip
+        return cls(cfg.pycode)
 
     def __init__(self, cfg: PyCodeConfig):
         validate_pycode_config(cfg)

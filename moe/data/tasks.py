@@ -237,7 +237,8 @@ class ResumableDataLoader(DataLoader):
     saves them for every train loader that has both), so a resumed run sees exactly the batches an uninterrupted
     run would.
 
-    The state is the shuffling generator's state when the current epoch started and the number of batches handed
+    The state is the shuffling generator's state when the current epoch started (None with a sampler that orders
+    each epoch by itself, ``moe.data.windows.EpochSampler``) and the number of batches handed
     out since. Restoring it replays the epoch's permutation and skips the batches already trained on, at the index
     level. Lightning fetches a sized loader's batches one at a time, so at a checkpoint the count is the number of
     batches trained on.
@@ -246,6 +247,7 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._epoch_start: torch.Tensor | None = None  # generator state at the start of the current epoch
+        self._started = False  # an epoch was started (a sampler of its own, e.g. per (seed, epoch), has no generator)
         self._served = 0  # batches handed out in the current epoch
         self._skip = 0  # batches to leave out of the epoch being started (set while resuming)
         self._resume: dict | None = None
@@ -263,6 +265,7 @@ class ResumableDataLoader(DataLoader):
                 self.generator.set_state(state["generator"])
             skip = state["served"]
         self._epoch_start = self.generator.get_state() if self.generator is not None else None
+        self._started = True
         self._skip = skip
         try:
             batches = super().__iter__()
@@ -274,7 +277,7 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        if self._epoch_start is None or self._served >= len(self):
+        if not self._started or self._served >= len(self):
             # Not started, or the epoch is over: the next epoch starts from the generator's current state.
             gen = self.generator.get_state() if self.generator is not None else None
             return {"generator": gen, "served": 0}

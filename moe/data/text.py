@@ -37,6 +37,7 @@ from moe.data.corpus import (
     resolve_tokenizer,
     tokenize_files,
 )
+from moe.data.tasks import ResumableDataLoader
 from moe.data.windows import (
     ByteVocab,
     Document,
@@ -103,7 +104,7 @@ class BitsPerByte(nn.Module):
     def compute(self) -> dict[str, torch.Tensor]:
         if not self.sums.update_called:
             return {}
-        nll, tokens, nbytes = self.sums.compute()
+        nll, tokens, nbytes = (t.reshape(-1) for t in self.sums.compute())  # torchmetrics squeezes one group's [1]
         out = {f"val/bpb/{name}": nll[g] / LN2 / nbytes[g].clamp_min(1)
                for g, name in enumerate(self.group_names) if tokens[g] > 0}  # fmt: skip
         return {**out, "val/bpb": nll.sum() / LN2 / nbytes.sum().clamp_min(1),
@@ -178,8 +179,10 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainWindows(self.train_corpus, self.seq_len)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(len(ds), self.train_windows, self.seed),
-                          drop_last=True, collate_fn=_identity, num_workers=self.num_workers)  # fmt: skip
+        # resumable: a run resumed from a mid-epoch checkpoint skips the batches it already trained on
+        return ResumableDataLoader(ds, batch_size=self.batch_size, drop_last=True, collate_fn=_identity,
+                                   sampler=EpochSampler(len(ds), self.train_windows, self.seed),
+                                   num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(WindowDataset(self.val_split), batch_size=self.eval_batch_size, shuffle=False,
@@ -196,7 +199,7 @@ class LMDataModule(L.LightningDataModule):
         per = {g: v for g, v in bpb.items() if g != "all" or g in self.task_names}
         return Evaluation(metrics={**{f"final/bpb/{g}": v for g, v in per.items()}, "final/bpb": bpb["all"]},
                           results={"bits_per_byte": per, "bpb": bpb["all"]}, title="Bits per byte on validation",
-                          table=per, column="bits/byte")  # fmt: skip
+                          table=per, column="bits/byte", summary=("all", bpb["all"]))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

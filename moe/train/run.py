@@ -112,13 +112,15 @@ def build_callbacks(nodes: dict[str, Any], progress_bar: bool = True) -> list[Ca
     return callbacks
 
 
-def accuracy_table(accs: dict[str, float], title: str, column: str | None = None) -> Table:
+def accuracy_table(accs: dict[str, float], title: str, column: str | None = None,
+                   summary: tuple[str, float] | None = None) -> Table:  # fmt: skip
     table = Table(title=title)
     table.add_column("task")
     table.add_column(column or "exact match", justify="right")
     for task, acc in accs.items():
         table.add_row(task, f"{acc:.3f}")
-    table.add_row("[bold]mean[/bold]", f"[bold]{sum(accs.values()) / len(accs):.3f}[/bold]")
+    name, value = summary or ("mean", sum(accs.values()) / len(accs))
+    table.add_row(f"[bold]{name}[/bold]", f"[bold]{value:.3f}[/bold]")
     return table
 
 
@@ -264,7 +266,8 @@ def run(cfg: TrainConfig) -> dict:
         where = {"checkpoint": str(final_ckpt.resolve()), kind: str(weights.resolve()), "steps": trainer.global_step}
         results = {**ev.results, **where}
         atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
-        table_console().print(accuracy_table(ev.table, f"{ev.title} after {trainer.global_step} steps", ev.column))
+        table_console().print(accuracy_table(ev.table, f"{ev.title} after {trainer.global_step} steps", ev.column,
+                                                  ev.summary))  # fmt: skip
         print(f"results: {out / 'results.json'}\nexport:  {weights if weights.is_dir() else weights.parent}")
         return results
     finally:
