@@ -28,7 +28,7 @@ from merging.engine import Engine, finish_report, merge_entries
 from merging.heap import heap_policy
 from merging.plan import CHUNK_ELEMS, DTYPES, HOLD_BYTES, REPORT_NAME, TIED, Loader, plan
 from merging.registry import METHODS
-from moe_merge_common.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, parse_size
+from moe_merge_common.io import COPY_FROM_BASE, Checkpoint, ShardedWriter, link_roots, parse_size
 from moe_merge_common.outputs import check_output, output_lock
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
@@ -176,13 +176,13 @@ def _sigterm_as_exit():
 
 def _stage_side_files(writer: ShardedWriter, base: Checkpoint) -> None:
     """config.json and tokenizer files from the base's folder; for a Lightning base, an export-style config."""
-    folder = base.folder.resolve()
+    roots = link_roots(base.folder)  # the base's folder, and a hub cache snapshot's blobs/
     for name in COPY_FROM_BASE:
         src = base.folder / name
         if not (src.exists() or src.is_symlink()) or not (base.path.is_dir() or base.path.suffix == ".safetensors"):
             continue
         real = src.resolve()
-        if folder not in real.parents or not real.is_file():  # a symlink out of the base's folder, a FIFO, ...
+        if not any(real.is_relative_to(r) and real != r for r in roots) or not real.is_file():  # a link out, a FIFO
             raise ValueError(f"{src}: a side file of the base must be a regular file inside {base.folder} (it "
                              f"leads to {real}); remove it or replace it with the file itself")  # fmt: skip
         writer.add_file(name, src=src)

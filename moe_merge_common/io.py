@@ -250,6 +250,17 @@ class StateDictFile:
         return t.reshape(row_shape(t.shape))[rows[0] : rows[1]].clone()
 
 
+def link_roots(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` may really lie: inside it, and for a Hugging Face hub cache snapshot
+    (``models--org--name/snapshots/<revision>/``, whose files are symlinks into ``../../blobs/``) in that repo's
+    ``blobs/``. Real paths, for ``Path.is_relative_to``."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
 class Checkpoint:
     """One model: a ``.safetensors``/``.ckpt``/``.pt``/``.bin`` file, or a directory (export or HF-style).
 
@@ -277,8 +288,12 @@ class Checkpoint:
                         raise TypeError("weight_map must map tensor names to shard file names (strings)")
                 except (KeyError, TypeError, ValueError, RecursionError) as e:  # a list, a number, bad UTF-8, ...
                     raise ValueError(f"{p / INDEX_NAME}: not a safetensors index ({e})") from e
+                # Shards are named inside the directory and their real paths lie there too, or, in a Hugging Face
+                # hub cache snapshot, in its repo's blobs/ (link_roots)
+                roots = link_roots(p)
                 outside = [f for f in set(map(str, weight_map.values()))
-                           if Path(f).is_absolute() or not (p / f).resolve().is_relative_to(p.resolve())]  # fmt: skip
+                           if Path(f).is_absolute() or ".." in Path(f).parts
+                           or not any((p / f).resolve().is_relative_to(r) for r in roots)]  # fmt: skip
                 if outside:
                     raise ValueError(f"{p / INDEX_NAME}: shards {sorted(outside)[:3]} lie outside {p}")
                 for fname in sorted(set(weight_map.values())):

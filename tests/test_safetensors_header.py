@@ -207,3 +207,28 @@ def test_an_index_of_the_wrong_json_types_is_refused_naming_it(tmp_path, doc):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: not a safetensors index"):
         Checkpoint(tmp_path)
+
+
+def test_a_hugging_face_hub_cache_snapshot_with_symlinked_shards_reads(tmp_path):
+    """models--org--name/snapshots/<rev>/ links each file into ../../blobs/<hash>: the shards are named inside the
+    snapshot, so they are read (as a symlinked model.safetensors is), while an index naming ../ stays refused."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    shards = {"model-00001-of-00002.safetensors": {"a": torch.arange(4.0)},
+              "model-00002-of-00002.safetensors": {"b": torch.ones(2, 3)}}  # fmt: skip
+    index = {"metadata": {}, "weight_map": {k: name for name, ts in shards.items() for k in ts}}
+    for i, (name, ts) in enumerate(shards.items()):
+        save_file(ts, repo / "blobs" / f"blob{i}")
+        (snap / name).symlink_to(f"../../blobs/blob{i}")
+    (repo / "blobs" / "index").write_text(json.dumps(index))
+    (snap / "model.safetensors.index.json").symlink_to("../../blobs/index")
+    ck = Checkpoint(snap)
+    assert sorted(ck.names) == ["a", "b"] and torch.equal(ck.read("b"), torch.ones(2, 3))
+    plain = tmp_path / "plain"  # the same links from a directory that is no snapshot: refused
+    plain.mkdir()
+    for name in [*shards, "model.safetensors.index.json"]:
+        (plain / name).symlink_to((snap / name).resolve())
+    with pytest.raises(ValueError, match="lie outside"):
+        Checkpoint(plain)
