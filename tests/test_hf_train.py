@@ -134,3 +134,26 @@ def test_resume_from_last_continues_the_run_to_the_uninterrupted_weights(corpus,
     a = load_file(Path(full["export"]) / "model.safetensors")
     b = load_file(Path(resumed["export"]) / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.distributed
+def test_deepspeed_expert_parallel_run_exports_and_its_checkpoint_directory_exports_the_same(corpus, tmp_path):
+    src = save_model("mixtral", tmp_path / "src", num_local_experts=4)
+    run_dir = tmp_path / "run"
+    args = [a for a in overrides(src, corpus, run_dir) if not a.startswith("output_dir=")]
+    cmd = [sys.executable, "train.py", *args, "trainer=deepspeed", "trainer.devices=2", "trainer.accelerator=cpu",
+           "trainer.precision=32-true", "parallel.ep_size=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "final.ckpt"
+    assert ckpt.is_dir()  # DeepSpeed's checkpoint: a directory of per-rank files
+    out = tmp_path / "cli"
+    cli = subprocess.run([sys.executable, "-m", "moe.hf", "export", str(ckpt), str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "model.safetensors"), load_file(run_dir / "export" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(".experts." in k for k in a) == 2 * 4 * 3

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ def file_groups(files: Any) -> dict[str, list[str]]:
         files = [files]
     if isinstance(files, Mapping):
         groups = {str(k): [v] if isinstance(v, str) else v for k, v in files.items()}
-    elif files is not None and not isinstance(files, bytes) and hasattr(files, "__iter__"):
+    elif isinstance(files, Iterable) and not isinstance(files, bytes):
         groups = {"all": list(files)}
     else:
         raise ValueError(f"data.text.files={files!r}: {usage} (e.g. data.text.files=[corpus/*.txt])")
@@ -192,7 +192,7 @@ class HFTokenizer:
     """A fast transformers tokenizer; ``identity`` hashes its full definition (``backend_tokenizer.to_str()``)."""
 
     def __init__(self, tokenizer: Any, where: str):
-        if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ValueError(f"{where}: {type(tokenizer).__name__} is not a fast tokenizer (bits per byte needs its "
                              "offsets: return_offsets_mapping)")  # fmt: skip
         if tokenizer.eos_token_id is None:
