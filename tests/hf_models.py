@@ -73,3 +73,58 @@ def save_model(arch: str, out: Path, seed: int = 0, dtype=torch.float32, fused: 
     model.to(dtype).save_pretrained(out, save_original_format=not fused)
     tokenizer().save_pretrained(out)
     return out
+
+
+def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order of a q/k projection (which transformers' GGUF loader undoes for llama)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def save_gguf(model_dir: Path, out: Path) -> Path:
+    """The tiny dense Llama saved in ``model_dir`` (``save_model("llama", ...)``) written as an F32 GGUF file with
+    its BPE tokenizer, the way llama.cpp lays it out (gguf-py's writer; q/k rows permuted, tied output)."""
+    import json
+
+    import gguf
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+    c, tok = model.config, tf.AutoTokenizer.from_pretrained(model_dir)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    bpe = json.loads(tok.backend_tokenizer.to_str())["model"]
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t == tok.eos_token else 1 for t in tokens])  # 3: control
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    sd = model.state_dict()
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    names = {"attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}  # fmt: skip
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight",
+                     _llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads).numpy())
+        w.add_tensor(f"blk.{i}.attn_k.weight",
+                     _llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads).numpy())
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{ours}.weight", sd[f"{p}{theirs}.weight"].numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

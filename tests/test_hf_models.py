@@ -76,6 +76,8 @@ def test_logits_equal_transformers_and_the_export_round_trips_bit_for_bit(models
     with torch.no_grad():
         assert torch.allclose(reloaded.eval()(x).logits, got, rtol=1e-5, atol=1e-6)
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] and modes["config.json"] & 0o044, modes  # readable
 
 
 def test_a_bf16_checkpoint_trains_in_fp32_and_exports_back_in_bf16_bit_for_bit(tmp_path):
@@ -121,6 +123,27 @@ def test_router_choice_replaces_the_checkpoint_routing_and_an_inexpressible_one_
     assert isinstance(again, HFCausalLM) and again.router_cfg.kind == "gumbel"
     k1 = HFCausalLM(hf_cfg(models["mixtral"]), RouterConfig(k=1))  # softmax top-1: the config can say it
     assert json.loads((k1.export(tmp_path / "k1") / "config.json").read_text())["num_experts_per_tok"] == 1
+
+
+def test_a_gguf_file_loads_through_model_gguf_file_with_its_own_tokenizer(models, tmp_path):
+    """A tiny Llama written as F32 GGUF the way llama.cpp lays it out (q/k rows permuted, BPE tokenizer in the
+    metadata): model.gguf_file gives the source model's logits exactly, and the GGUF's tokenizer its ids."""
+    pytest.importorskip("gguf")
+    from .hf_models import save_gguf
+
+    (tmp_path / "g").mkdir()
+    save_gguf(models["llama"], tmp_path / "g" / "tiny.gguf")
+    cfg = hf_cfg(tmp_path / "g", gguf_file="tiny.gguf")
+    ours = HFCausalLM(cfg, FROM_MODEL).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(ours(x)[0], AutoModelForCausalLM.from_pretrained(models["llama"]).eval()(x).logits)
+    text = "def add(a, b):\n    return naïve café"
+    ref = transformers.AutoTokenizer.from_pretrained(models["llama"])
+    assert HFCausalLM.tokenizer(cfg)(text)["input_ids"] == ref(text)["input_ids"]
+    out = ours.export(tmp_path / "export")  # GGUF in, safetensors out: the source model's tensors, bit for bit
+    before, after = tensors(models["llama"]), tensors(out)
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,11 @@ def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         native.save_pretrained(stage, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in stage.iterdir():  # transformers writes its shards through private temporary files (mode 600)
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         return stage / "config.json"
 
     with output_lock(out, "export"):
