@@ -4,7 +4,8 @@ transformers' own ``from_pretrained`` of the same directory, in the same dtype, 
     python benchmarks/bench_hf_load.py [--hidden 512 --layers 8 --experts 8 --ffn 1024] [--repeats 3]
 
 A random Mixtral is saved in bf16 once (a temporary directory). For dtype float32 and bfloat16 it prints the
-median peak RSS above the interpreter's baseline (``ru_maxrss`` after importing torch and transformers) of
+median peak RSS above the RSS after importing torch, transformers and moe (Linux: the peak, ``VmHWM``, is reset
+through ``/proc/self/clear_refs`` once the imports are done) of
 (a) transformers alone and (b) ours (transformers' load, then each sparse block swapped for our layer), the ratio
 b/a, and the size of the parameters in that dtype: "weights load once" means b stays near a, not a + one more
 copy of the experts.
@@ -18,14 +19,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, torch, transformers
+import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM
 path, dtype, which = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
 import moe.hf.model  # imported before the baseline in both cases
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS: imports are not counted
+    f.write("5")
+base = status("VmRSS")
 if which == "ours":
     from moe.config import ModelConfig, RouterConfig
     model = moe.hf.model.HFCausalLM(ModelConfig(_target_="moe.hf.model.HFCausalLM", path=path, dtype=sys.argv[2]),
@@ -33,7 +39,7 @@ if which == "ours":
 else:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
 params = sum(p.numel() * p.element_size() for p in model.parameters())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM")
 print(json.dumps({"peak_above_baseline_mb": (peak - base) / 1024, "params_mb": params / 2**20}))
 """
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from moe.config import MoEConfig, RouterConfig
 from moe.nn.layers import MoELayer
+from moe.nn.routers import build_router
 from moe.nn.routing import RoutingResult
 
 
@@ -102,9 +103,11 @@ def from_hf_sparse_block(block: nn.Module, config, router: RouterConfig | None =
     d_ff, E = expert_width(config), num_experts(config)
     if not 1 <= router.k <= E:
         raise ValueError(f"router.k={router.k}: expected 1 <= k <= {E} (the checkpoint's experts)")
-    layer = MoELayer(config.hidden_size, d_ff, E, router, moe_config(block, config), causal=True)
+    with torch.device("meta"):  # no random init of experts about to be replaced: the tensors are assigned below
+        layer = MoELayer(config.hidden_size, d_ff, E, router, moe_config(block, config), causal=True)
     sd = block.state_dict()
     gate_up = sd["experts.gate_up_proj"]
+    dtype = gate_up.dtype
     ours = {
         "router.weight": sd["gate.weight"],
         "experts.w_gate": gate_up[:, :d_ff].transpose(1, 2),
@@ -112,19 +115,27 @@ def from_hf_sparse_block(block: nn.Module, config, router: RouterConfig | None =
         "experts.w_down": sd["experts.down_proj"].transpose(1, 2),
     }
     if "gate.e_score_correction_bias" in sd:
-        ours["router.expert_bias"] = sd["gate.e_score_correction_bias"]
+        ours["router.expert_bias"] = sd["gate.e_score_correction_bias"].float()  # kept fp32, as DeepSeek-V3 does
     if arch.shared and layer.shared is not None:
         p = arch.shared
         ours["shared.gate_up.weight"] = torch.cat([sd[f"{p}.gate_proj.weight"], sd[f"{p}.up_proj.weight"]])
         ours["shared.down.weight"] = sd[f"{p}.down_proj.weight"]
         if layer.shared_gate is not None:
             ours["shared_gate.weight"] = sd["shared_expert_gate.weight"]
-    state = layer.state_dict()
-    state.update({k: v.to(state[k].dtype).contiguous() for k, v in ours.items()})
-    layer.load_state_dict(state)
-    layer.to(gate_up.dtype)
-    if "router.expert_bias" in ours:  # DeepSeek-V3 keeps the bias in fp32 whatever the model's dtype
-        layer.router.expert_bias.data = layer.router.expert_bias.data.float()
+    # What the checkpoint does not hold (the router's buffers, a noisy router's noise weights, ...) comes from a
+    # router built the usual way, which is small (E x d); everything else is assigned, never copied into a new init
+    fresh = build_router(config.hidden_size, E, router).to(dtype)
+    extra = {f"router.{k}": v.detach() for k, v in fresh.state_dict(keep_vars=True).items()}
+    missing = [k for k in layer.state_dict() if k not in ours and k not in extra]
+    if missing:
+        raise ValueError(f"{type(block).__name__}: our layer has tensors the block does not provide: {missing}")
+    state = {k: ours[k].to(torch.float32 if k == "router.expert_bias" else dtype).contiguous() if k in ours
+             else extra[k] for k in layer.state_dict()}  # fmt: skip
+    layer.load_state_dict(state, assign=True)
+    for name, buf in fresh.named_buffers():  # the non-persistent ones (counts) are in no state dict
+        if layer.router.get_buffer(name).is_meta:
+            owner, _, attr = name.rpartition(".")
+            layer.router.get_submodule(owner)._buffers[attr] = buf
     return layer
 
 

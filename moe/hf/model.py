@@ -96,12 +96,11 @@ class HFCausalLM(nn.Module):
         self.hf.config.use_cache = False
         if is_moe:
             block_name = arch_of(config).block
-            for name, module in list(self.hf.named_modules()):
-                if type(module).__name__ == block_name:
-                    parent, _, attr = name.rpartition(".")
-                    layer = from_hf_sparse_block(module, config, router)
-                    setattr(self.hf.get_submodule(parent), attr, HFMoEBlock(layer))
-                    del module
+            names = [name for name, m in self.hf.named_modules() if type(m).__name__ == block_name]
+            for name in names:  # one block at a time: its tensors are freed as soon as our layer replaces it
+                parent, _, attr = name.rpartition(".")
+                owner = self.hf.get_submodule(parent)
+                setattr(owner, attr, HFMoEBlock(from_hf_sparse_block(getattr(owner, attr), config, router)))
         self.hf.train()  # from_pretrained leaves it in eval mode; a module starts in training mode
         self.moe_blocks = [m for m in self.hf.modules() if isinstance(m, HFMoEBlock)]
         for name, m in self.named_modules():
