@@ -353,5 +353,5 @@ def register_configs() -> None:
 
 
 # Keys that were renamed: train.py names the replacement when an old spelling is given on the command line
-RENAMED = {"data.kind": "data=multitask or data=pycode (data._target_ names the data module class)",
+RENAMED = {"data.kind": "data=multitask, data=pycode or data=text (data._target_ names the data module class)",
            **{f"router.{k}": f"router.{kind}.{k}" for k, kind in ROUTER_KIND_KEYS.items()}}

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging.protocols import Group, Layer, Layout, Spec
-from moe.config import DataConfig, ModelConfig, PyCodeConfig, RouterConfig
+from moe.config import DataConfig, ModelConfig, PyCodeConfig, RouterConfig, TextConfig
 from moe.data.tasks import ALL_TASKS, PAD, SEP, TaskSplit, build_splits
 from moe.export import LoadedCheckpoint, _from_dict, export_model, load_weights_into, read_config
 from moe.nn.model import MoETransformer, apply_rope
@@ -89,12 +89,14 @@ def data_config(data: DataConfig | Mapping | None) -> DataConfig:
     if "kind" in data:  # before data._target_ (issue 21)
         raise ValueError(f"data.kind={data['kind']!r}: renamed; use data._target_=moe.data.tasks.MultiTaskDataModule "
                          "or moe.data.pycode.PyCodeDataModule")  # fmt: skip
-    if isinstance(data.get("pycode"), Mapping):
-        data["pycode"] = PyCodeConfig(**data["pycode"])
     try:
+        if isinstance(data.get("pycode"), Mapping):
+            data["pycode"] = PyCodeConfig(**data["pycode"])
+        if isinstance(data.get("text"), Mapping):
+            data["text"] = TextConfig(**data["text"])
         return DataConfig(**data)
     except TypeError as e:
-        raise ValueError(f"data: {e} (expected moe.config.DataConfig fields)") from e
+        raise ValueError(f"data: {e} (expected moe.config.DataConfig fields, data.pycode / data.text: theirs)") from e
 
 
 def search_split(data: DataConfig, val_tokens: torch.Tensor) -> TaskSplit:
