@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe.nn.hf import from_hf_sparse_block, to_hf_state_dict
+from moe.hf.blocks import from_hf_sparse_block, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 
