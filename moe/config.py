@@ -118,6 +118,25 @@ class MoEConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """``model.upcycle`` (``model=hf``, ``moe.upcycle``): the dense SwiGLU MLPs of ``layers`` become our MoELayer
+    with ``num_experts`` experts (0: no upcycling), routed top-``k``. Mirrored by conf/model/hf.yaml."""
+
+    num_experts: int = 0
+    k: int = 2
+    method: str = "copy"  # copy | drop | split
+    layers: Any = "all"  # all | upper_half | n (every n-th layer) | [indices]
+    drop_ratio: float = 0.5  # drop: share of each expert's neurons re-initialised
+    split: str = "random"  # split: random | cluster (co-activation on the calibration prompts)
+    granularity: int = 1  # split: copies of d_ff partitioned (E * f_e = granularity * d_ff)
+    router_init: str = "random"  # random | zero | hidden (one prompt set per expert, model.upcycle.prompts)
+    router_std: float = 0.02
+    prompts: Any = None  # [[texts of expert 0], [texts of expert 1], ...]: hidden router rows; split=cluster
+    seed: int = 0
+    exact: bool = True  # copy: refuse settings that break logits equality at init (no renormalisation, ...)
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only MoE transformer: ``n_layer`` blocks of (causal attention, MoE SwiGLU feed-forward); or, with
     ``model=hf``, a Hugging Face causal LM read from ``path`` (the architecture fields are then its config's)."""
@@ -141,6 +160,7 @@ class ModelConfig:
     path: str | None = None
     gguf_file: str | None = None
     dtype: str = "float32"
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)  # model=hf: dense -> MoE (moe.upcycle)
     # the model class built from (model, router) (moe.train.module.build_model); conf/model/*.yaml set it
     _target_: str = "moe.nn.model.MoETransformer"
 

@@ -24,6 +24,7 @@ from moe.config import (
     MoEConfig,
     NoisyTopKConfig,
     RouterConfig,
+    UpcycleConfig,
     upgrade_saved,
 )
 from moe.nn.model import MoETransformer
@@ -80,7 +81,7 @@ def _from_dict(cls, data: dict, where: str):
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     nested = {"moe": MoEConfig, "noisy_topk": NoisyTopKConfig, "gumbel": GumbelConfig,
-              "expert_choice": ExpertChoiceConfig}  # fmt: skip
+              "expert_choice": ExpertChoiceConfig, "upcycle": UpcycleConfig}  # fmt: skip
     return cls(**{k: _from_dict(nested[k], v, f"{where}.{k}") if k in nested and isinstance(v, dict) else v
                   for k, v in data.items()})  # fmt: skip
 

@@ -48,6 +48,7 @@ def config(arch: str, **overrides):
             topk_group=2, num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
             q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
         "llama": lambda: tf.LlamaConfig(**{**common, "tie_word_embeddings": True}, intermediate_size=48),
+        "qwen2": lambda: tf.Qwen2Config(**common, intermediate_size=48),
     }[arch]
     cfg = make()
     for k, v in overrides.items():

@@ -103,11 +103,8 @@ def from_hf_sparse_block(block: nn.Module, config, router: RouterConfig | None =
     d_ff, E = expert_width(config), num_experts(config)
     if not 1 <= router.k <= E:
         raise ValueError(f"router.k={router.k}: expected 1 <= k <= {E} (the checkpoint's experts)")
-    with torch.device("meta"):  # no random init of experts about to be replaced: the tensors are assigned below
-        layer = MoELayer(config.hidden_size, d_ff, E, router, moe_config(block, config), causal=True)
     sd = block.state_dict()
     gate_up = sd["experts.gate_up_proj"]
-    dtype = gate_up.dtype
     ours = {
         "router.weight": sd["gate.weight"],
         "experts.w_gate": gate_up[:, :d_ff].transpose(1, 2),
@@ -115,21 +112,32 @@ def from_hf_sparse_block(block: nn.Module, config, router: RouterConfig | None =
         "experts.w_down": sd["experts.down_proj"].transpose(1, 2),
     }
     if "gate.e_score_correction_bias" in sd:
-        ours["router.expert_bias"] = sd["gate.e_score_correction_bias"].float()  # kept fp32, as DeepSeek-V3 does
-    if arch.shared and layer.shared is not None:
+        ours["router.expert_bias"] = sd["gate.e_score_correction_bias"]  # kept fp32, as DeepSeek-V3 does
+    moe = moe_config(block, config)
+    if arch.shared and moe.n_shared:
         p = arch.shared
         ours["shared.gate_up.weight"] = torch.cat([sd[f"{p}.gate_proj.weight"], sd[f"{p}.up_proj.weight"]])
         ours["shared.down.weight"] = sd[f"{p}.down_proj.weight"]
-        if layer.shared_gate is not None:
+        if moe.shared_gate:
             ours["shared_gate.weight"] = sd["shared_expert_gate.weight"]
-    # What the checkpoint does not hold (the router's buffers, a noisy router's noise weights, ...) comes from a
-    # router built the usual way, which is small (E x d); everything else is assigned, never copied into a new init
-    fresh = build_router(config.hidden_size, E, router).to(dtype)
+    return layer_from_tensors(config.hidden_size, d_ff, E, router, moe, ours, gate_up.dtype, type(block).__name__)
+
+
+def layer_from_tensors(d_model: int, d_ff: int, num_experts: int, router: RouterConfig, moe: MoEConfig,
+                       tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> MoELayer:  # fmt: skip
+    """Our MoELayer holding ``tensors`` (its state-dict names), in ``dtype`` (an ``expert_bias`` stays fp32).
+
+    The layer is built on the meta device and the tensors assigned: no random init of experts about to be
+    replaced, no second copy. What ``tensors`` lacks (the router's buffers, a noisy router's noise weights, ...)
+    comes from a router built the usual way, which is small (E x d); anything else missing is an error."""
+    with torch.device("meta"):
+        layer = MoELayer(d_model, d_ff, num_experts, router, moe, causal=True)
+    fresh = build_router(d_model, num_experts, router).to(dtype)
     extra = {f"router.{k}": v.detach() for k, v in fresh.state_dict(keep_vars=True).items()}
-    missing = [k for k in layer.state_dict() if k not in ours and k not in extra]
+    missing = [k for k in layer.state_dict() if k not in tensors and k not in extra]
     if missing:
-        raise ValueError(f"{type(block).__name__}: our layer has tensors the block does not provide: {missing}")
-    state = {k: ours[k].to(torch.float32 if k == "router.expert_bias" else dtype).contiguous() if k in ours
+        raise ValueError(f"{where}: our layer has tensors it does not provide: {missing}")
+    state = {k: tensors[k].to(torch.float32 if k == "router.expert_bias" else dtype).contiguous() if k in tensors
              else extra[k] for k in layer.state_dict()}  # fmt: skip
     layer.load_state_dict(state, assign=True)
     for name, buf in fresh.named_buffers():  # the non-persistent ones (counts) are in no state dict

@@ -44,8 +44,25 @@ def _moe_types() -> set[str]:
     return set(ARCHS)
 
 
+def export_problems(model) -> list[str]:
+    """Why ``model`` cannot be written as a Hugging Face checkpoint of its (or, upcycled, its MoE) architecture."""
+    if model.upcycled:
+        from moe.hf import upcycled
+
+        bad = upcycled.problems(model)
+        return bad or routing_mismatch(upcycled.export_router(model), upcycled.export_config(model))
+    return routing_mismatch(model.router_cfg, model.config)
+
+
 def export_config(model):
-    """The checkpoint's config with what training may change: k, renormalisation, dtype."""
+    """The checkpoint's config with what training may change (k, renormalisation, dtype); an upcycled model's
+    MoE architecture (``moe.hf.upcycled``)."""
+    if model.upcycled:
+        from moe.hf.upcycled import export_config as upcycled_config
+
+        config = upcycled_config(model)
+        config.dtype, config.use_cache = model.source_dtype, True
+        return config
     config = model.config.__class__.from_dict(model.config.to_dict())
     if config.model_type in _moe_types():
         config.num_experts_per_tok = model.router_cfg.k
@@ -58,6 +75,10 @@ def export_config(model):
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's tensors under transformers' in-memory names, our MoE layers converted back."""
+    if model.upcycled:
+        from moe.hf.upcycled import state_dict
+
+        return state_dict(model)
     out: dict[str, torch.Tensor] = {}
     blocks = [(name, m) for name, m in model.hf.named_modules() if isinstance(m, HFMoEBlock)]
     for name, block in blocks:
@@ -71,7 +92,7 @@ def native_model(model):
     """The architecture's own transformers model holding our weights (shared where the dtype already matches)."""
     from transformers import AutoModelForCausalLM
 
-    bad = routing_mismatch(model.router_cfg, model.config)
+    bad = export_problems(model)
     if bad:
         raise ValueError(f"the {model.config.model_type} architecture cannot express this run's routing: "
                          f"{'; '.join(bad)}")  # fmt: skip

@@ -12,6 +12,7 @@ eval). Any other ``router=...`` replaces that routing in every layer, with the c
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,9 @@ class HFCausalLM(nn.Module):
                 parent, _, attr = name.rpartition(".")
                 owner = self.hf.get_submodule(parent)
                 setattr(owner, attr, HFMoEBlock(from_hf_sparse_block(getattr(owner, attr), config, router)))
+        self.upcycled = cfg.upcycle.num_experts > 0
+        if self.upcycled:
+            self.router_cfg = router = self._upcycle(cfg, router, is_moe)
         self.hf.train()  # from_pretrained leaves it in eval mode; a module starts in training mode
         self.moe_blocks = [m for m in self.hf.modules() if isinstance(m, HFMoEBlock)]
         for name, m in self.named_modules():
@@ -109,6 +113,23 @@ class HFCausalLM(nn.Module):
         if cfg.vocab_size > self.hf.config.vocab_size:
             raise ValueError(f"model.path: the data's vocabulary ({cfg.vocab_size}) exceeds the model's "
                              f"({self.hf.config.vocab_size})")  # fmt: skip
+
+    def _upcycle(self, cfg: ModelConfig, router: RouterConfig, is_moe: bool) -> RouterConfig:
+        """``model.upcycle``: the dense MLPs become our layers (``moe.upcycle.upcycle``); returns their routing."""
+        from moe.upcycle import upcycle
+
+        if is_moe:
+            raise ValueError(f"model.upcycle.num_experts={cfg.upcycle.num_experts}: model.path is already an MoE "
+                             f"({self.config.model_type}); upcycling converts dense models")  # fmt: skip
+        if router.kind == "from_model":  # a dense checkpoint describes no routing: renormalised softmax top-k
+            router = replace(router, kind="topk", score="softmax", score_kwargs={}, renormalize=True,
+                             order="score_then_topk")  # fmt: skip
+        up = cfg.upcycle
+        needs_data = up.router_init == "hidden" or (up.method == "split" and up.split == "cluster")
+        return upcycle(self.hf, up.num_experts, up.k, method=up.method, layers=up.layers, drop_ratio=up.drop_ratio,
+                       split=up.split, granularity=up.granularity, router_init=up.router_init,
+                       router_std=up.router_std, prompts=up.prompts, seed=up.seed, exact=up.exact, router=router,
+                       moe=cfg.moe, tokenizer=self.tokenizer(cfg) if needs_data else None)  # fmt: skip
 
     @classmethod
     def tokenizer(cls, cfg: ModelConfig):
@@ -144,6 +165,6 @@ class HFCausalLM(nn.Module):
     @property
     def export_problems(self) -> list[str]:
         """What of the routing a Hugging Face config of this architecture cannot express (empty: none)."""
-        from moe.hf.export import routing_mismatch
+        from moe.hf.export import export_problems
 
-        return routing_mismatch(self.router_cfg, self.config)
+        return export_problems(self)
