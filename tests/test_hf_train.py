@@ -157,3 +157,25 @@ def test_deepspeed_expert_parallel_run_exports_and_its_checkpoint_directory_expo
     a, b = load_file(out / "model.safetensors"), load_file(run_dir / "export" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert sum(".experts." in k for k in a) == 2 * 4 * 3
+
+
+@pytest.mark.distributed
+def test_an_upcycled_dense_model_trains_expert_parallel_and_exports_as_mixtral(corpus, tmp_path):
+    src = save_model("llama", tmp_path / "src")
+    run_dir = tmp_path / "run"
+    args = [a for a in overrides(src, corpus, run_dir) if not a.startswith(("output_dir=", "trainer.max_steps"))]
+    cmd = [sys.executable, "train.py", *args, "trainer.max_steps=5", "model.upcycle.num_experts=4",
+           "model.upcycle.method=drop", "model.upcycle.layers=upper_half", "trainer=ddp", "trainer.devices=2",
+           "parallel.ep_size=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 5
+    model = trained_model(run_dir)
+    assert [i for i, layer in enumerate(model.hf.model.layers) if layer.mlp.__class__.__name__ == "HFMoEBlock"] == [1]
+    reloaded, info = AutoModelForCausalLM.from_pretrained(run_dir / "export", output_loading_info=True)
+    assert not any(info.values()) and reloaded.config.model_type == "mixtral"
+    x = torch.randint(0, model.hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x)[0], reloaded.eval()(x).logits
+    assert torch.allclose(theirs, ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())

@@ -152,3 +152,13 @@ def test_upcycling_an_moe_or_a_bad_layer_list_is_refused(tmp_path, dense):
         HFCausalLM(ModelConfig(_target_="moe.hf.model.HFCausalLM", path=str(moe_dir), upcycle=up), FROM_MODEL)
     with pytest.raises(ValueError, match=r"model.upcycle.layers=\[7\]"):
         upcycle(AutoModelForCausalLM.from_pretrained(dense["llama"]), 4, 2, layers=[7])
+
+
+def test_conf_model_hf_mirrors_the_upcycle_schema():
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "hf.yaml").upcycle
+    assert list(node) == [f.name for f in fields(UpcycleConfig)]
+    assert OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(UpcycleConfig), node)) == UpcycleConfig()
