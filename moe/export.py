@@ -20,6 +20,7 @@ from torch import nn
 from moe.config import (
     ExpertChoiceConfig,
     GumbelConfig,
+    LoraConfig,
     ModelConfig,
     MoEConfig,
     NoisyTopKConfig,
@@ -81,7 +82,7 @@ def _from_dict(cls, data: dict, where: str):
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     nested = {"moe": MoEConfig, "noisy_topk": NoisyTopKConfig, "gumbel": GumbelConfig,
-              "expert_choice": ExpertChoiceConfig, "upcycle": UpcycleConfig}  # fmt: skip
+              "expert_choice": ExpertChoiceConfig, "upcycle": UpcycleConfig, "lora": LoraConfig}  # fmt: skip
     return cls(**{k: _from_dict(nested[k], v, f"{where}.{k}") if k in nested and isinstance(v, dict) else v
                   for k, v in data.items()})  # fmt: skip
 

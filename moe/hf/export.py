@@ -134,3 +134,17 @@ def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     with output_lock(out, "export"):
         write_staged(out, write)
     return out
+
+
+def save_adapter(peft_model, out_dir: str | os.PathLike) -> Path:
+    """Write the PEFT adapter directory (adapter_config.json, adapter_model.safetensors), staged; returns it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(stage: Path) -> Path:
+        peft_model.save_pretrained(stage, safe_serialization=True)
+        return stage / "adapter_config.json"
+
+    with output_lock(out, "export"):
+        write_staged(out, write)
+    return out

@@ -11,6 +11,7 @@ eval). Any other ``router=...`` replaces that routing in every layer, with the c
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -105,6 +106,8 @@ class HFCausalLM(nn.Module):
         self.upcycled = cfg.upcycle.num_experts > 0
         if self.upcycled:
             self.router_cfg = router = self._upcycle(cfg, router, is_moe)
+        if cfg.lora.r > 0:
+            self.hf = self._lora(cfg.lora)
         self.hf.train()  # from_pretrained leaves it in eval mode; a module starts in training mode
         self.moe_blocks = [m for m in self.hf.modules() if isinstance(m, HFMoEBlock)]
         for name, m in self.named_modules():
@@ -131,6 +134,21 @@ class HFCausalLM(nn.Module):
                        router_std=up.router_std, prompts=up.prompts, seed=up.seed, exact=up.exact, router=router,
                        moe=cfg.moe, tokenizer=self.tokenizer(cfg) if needs_data else None)  # fmt: skip
 
+    def _lora(self, lora):
+        """The model under PEFT LoRA adapters (``model.lora``): the base frozen, the adapters trained."""
+        try:
+            import peft
+        except ImportError as e:
+            raise ImportError("model.lora needs peft: pip install peft") from e
+        if lora.target_parameters and lora.dropout:
+            raise ValueError("model.lora.dropout: must be 0 with model.lora.target_parameters (PEFT's ParamWrapper)")
+        if not lora.target and not lora.target_parameters:
+            raise ValueError("model.lora: r > 0 needs model.lora.target or model.lora.target_parameters")
+        config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                                 target_modules=list(lora.target),
+                                 target_parameters=list(lora.target_parameters) or None)  # fmt: skip
+        return peft.get_peft_model(self.hf, config)
+
     @classmethod
     def tokenizer(cls, cfg: ModelConfig):
         """The checkpoint's own tokenizer (``AutoTokenizer`` from ``model.path``, or from the GGUF file)."""
@@ -143,14 +161,22 @@ class HFCausalLM(nn.Module):
         logits = self.hf(input_ids=tokens_BS, use_cache=False).logits
         return logits, [b.routing for b in self.moe_blocks if b.routing is not None]
 
-    def export(self, out_dir, tokenizer=None) -> Path:
+    def export(self, out_dir, tokenizer=None, adapter_dir=None) -> Path:
         """Write a Hugging Face checkpoint directory (``moe.hf.export.save_pretrained``); returns its path. A
         routing the architecture cannot express (``export_problems``) is written in our own format instead
         (``model.safetensors`` + ``config.json``, ``moe.export.load_model`` reads it), with a warning. ``tokenizer``:
-        default the source's own."""
+        default the source's own. With ``model.lora``: the merged model, and the PEFT adapter directory in
+        ``adapter_dir`` (default ``<out_dir>_adapter`` beside it: what ``python -m merging`` reads)."""
         from moe.export import export_weights
-        from moe.hf.export import save_pretrained
+        from moe.hf.export import save_adapter, save_pretrained
 
+        if self.cfg.lora.r > 0:  # the adapter beside the export, then the merged model (on a copy)
+            out_dir = Path(out_dir)
+            save_adapter(self.hf, adapter_dir or out_dir.parent / f"{out_dir.name}_adapter")
+            merged = copy.deepcopy(self)
+            merged.hf = merged.hf.merge_and_unload()
+            merged.cfg = replace(self.cfg, lora=replace(self.cfg.lora, r=0))
+            return merged.export(out_dir, tokenizer)
         if self.export_problems:
             log.warning("export: the %s architecture cannot express this routing (%s): writing our own format",
                         self.config.model_type, "; ".join(self.export_problems))

@@ -136,8 +136,9 @@ class MoELitModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen ones (a LoRA base) are not optimized
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
         opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
@@ -145,7 +146,7 @@ class MoELitModule(L.LightningModule):
             ],
             lr=cfg.lr,
             betas=tuple(cfg.betas),
-            **adamw_impl(self._optim_impl(), list(self.parameters())),
+            **adamw_impl(self._optim_impl(), params),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, cfg.warmup_steps, self.max_steps, cfg.min_lr_ratio)
