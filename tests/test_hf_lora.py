@@ -69,3 +69,12 @@ def test_a_lora_run_trains_only_the_adapters_and_merging_reads_its_adapter(corpu
     got = load_file(merged)
     for k in base:
         assert torch.allclose(got[k], tuned[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_expert_adapters_with_expert_parallelism_are_refused_before_any_work():
+    from moe.train.checks import check_parallel
+
+    cfg = compose_train(["model=hf", "model.path=/nowhere", "model.lora.r=4", "trainer=ddp", "parallel.ep_size=2",
+                         "model.lora.target_parameters=[experts.w_gate]"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.lora.target_parameters with parallel.ep_size=2"):
+        check_parallel(cfg)

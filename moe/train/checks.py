@@ -87,6 +87,9 @@ def check_parallel(cfg: TrainConfig) -> None:
             f"parallel.ep_size={ep} needs an expert-parallel strategy: add trainer=ddp (CPU or GPU) or "
             "trainer=deepspeed"
         )
+    if ep > 1 and cfg.model.lora.r > 0 and cfg.model.lora.target_parameters:
+        raise ValueError(f"model.lora.target_parameters with parallel.ep_size={ep}: the expert adapters are not "
+                         "sharded with the experts; use parallel.ep_size=1 or LoRA on modules only (model.lora.target)")
     accelerator = cfg.trainer.accelerator
     if "deepspeed" in target.lower() and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
