@@ -27,6 +27,7 @@ once); the summary gives the medians and the ratio's median and range over the r
 
     python benchmarks/bench_moe_layer.py --threads 2 --wait-quiet 900      # CPU: ours vs HF, summary table
     python benchmarks/bench_moe_layer.py --json layer.json                 # GPU: the reference configs, bf16
+    python benchmarks/bench_moe_layer.py --threads 2 --configs smollm2-upcycled   # a real upcycled shape
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ CONFIGS = {  # name: (T, d, f, E, k)
     "cpu-default": (2176, 128, 256, 8, 2),  # the default model's MoE layer: a batch of 128 x 17 tokens
     "cpu-fine": (2048, 256, 128, 32, 4),
     "cpu-fine-64": (1024, 128, 64, 64, 8),
+    "smollm2-upcycled": (2048, 576, 1536, 8, 2),  # SmolLM2-135M's MLP as 8 experts, top-2 (experiment=upcycle_smollm2)
 }
 GPU_DEFAULT = "mixtral-like,fine-grained,fine-grained-64"
 CPU_DEFAULT = "cpu-default,cpu-fine,cpu-fine-64"
