@@ -171,12 +171,6 @@ def selected_layers(spec, n_layers: int) -> list[int]:
                      f"list of layer indices in [0, {n_layers})")  # fmt: skip
 
 
-def expert_width(method: str, d_ff: int, num_experts: int, granularity: int) -> int:
-    """f_e: d_ff for copies (copy, drop), ``g * d_ff / E`` for a split."""
-    return d_ff if method != "split" else granularity * d_ff // num_experts
-
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # A transformers model, in place
 # ---------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,24 @@ def overrides(model_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str
             "optim.warmup_steps=1", f"output_dir={out}", *extra]  # fmt: skip
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
+def train_cli(model_dir: Path, corpus: Path, run_dir: Path, *extra: str, timeout: int = 240) -> None:
+    """``python train.py`` in a subprocess (2-process runs) with ``overrides``, ``extra`` replacing their keys."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    args = [a for a in overrides(model_dir, corpus, run_dir) if a.split("=", 1)[0] not in keys | {"output_dir"}]
+    cmd = [sys.executable, "train.py", *args, *extra, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def export_cli(ckpt: Path, out: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "moe.hf", "export", str(ckpt), str(out)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def trained_model(run_dir: Path) -> HFCausalLM:
     ck = load_checkpoint(run_dir / "checkpoints" / "final.ckpt")
     model = HFCausalLM(ck.model, ck.router)
@@ -100,19 +118,12 @@ def test_bf16_mixed_precision_trains_on_the_cpu(corpus, tmp_path):
 def test_expert_parallel_run_exports_the_gathered_experts_and_the_cli_export_equals_it(corpus, tmp_path):
     src = save_model("mixtral", tmp_path / "src", num_local_experts=4)
     run_dir = tmp_path / "run"
-    args = [a for a in overrides(src, corpus, run_dir) if not a.startswith("output_dir=")]
-    cmd = [sys.executable, "train.py", *args, "trainer=ddp", "trainer.devices=2", "parallel.ep_size=2",
-           f"hydra.run.dir={run_dir}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    train_cli(src, corpus, run_dir, "trainer=ddp", "trainer.devices=2", "parallel.ep_size=2")
     model = trained_model(run_dir)
     assert model.moe_blocks[0].moe.experts.w_gate.shape[0] == 4  # the checkpoint holds every expert
     assert_export_is_the_model(run_dir / "export", model)
     out = tmp_path / "cli"
-    cli = subprocess.run([sys.executable, "-m", "moe.hf", "export", str(run_dir / "checkpoints" / "final.ckpt"),
-                          str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert cli.returncode == 0, cli.stderr[-3000:]
+    export_cli(run_dir / "checkpoints" / "final.ckpt", out)
     from safetensors.torch import load_file
 
     a, b = load_file(out / "model.safetensors"), load_file(run_dir / "export" / "model.safetensors")
@@ -140,18 +151,12 @@ def test_resume_from_last_continues_the_run_to_the_uninterrupted_weights(corpus,
 def test_deepspeed_expert_parallel_run_exports_and_its_checkpoint_directory_exports_the_same(corpus, tmp_path):
     src = save_model("mixtral", tmp_path / "src", num_local_experts=4)
     run_dir = tmp_path / "run"
-    args = [a for a in overrides(src, corpus, run_dir) if not a.startswith("output_dir=")]
-    cmd = [sys.executable, "train.py", *args, "trainer=deepspeed", "trainer.devices=2", "trainer.accelerator=cpu",
-           "trainer.precision=32-true", "parallel.ep_size=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    train_cli(src, corpus, run_dir, "trainer=deepspeed", "trainer.devices=2", "trainer.accelerator=cpu",
+              "trainer.precision=32-true", "parallel.ep_size=2", timeout=300)  # fmt: skip
     ckpt = run_dir / "checkpoints" / "final.ckpt"
     assert ckpt.is_dir()  # DeepSpeed's checkpoint: a directory of per-rank files
     out = tmp_path / "cli"
-    cli = subprocess.run([sys.executable, "-m", "moe.hf", "export", str(ckpt), str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert cli.returncode == 0, cli.stderr[-3000:]
+    export_cli(ckpt, out)
     from safetensors.torch import load_file
 
     a, b = load_file(out / "model.safetensors"), load_file(run_dir / "export" / "model.safetensors")
@@ -163,13 +168,8 @@ def test_deepspeed_expert_parallel_run_exports_and_its_checkpoint_directory_expo
 def test_an_upcycled_dense_model_trains_expert_parallel_and_exports_as_mixtral(corpus, tmp_path):
     src = save_model("llama", tmp_path / "src")
     run_dir = tmp_path / "run"
-    args = [a for a in overrides(src, corpus, run_dir) if not a.startswith(("output_dir=", "trainer.max_steps"))]
-    cmd = [sys.executable, "train.py", *args, "trainer.max_steps=5", "model.upcycle.num_experts=4",
-           "model.upcycle.method=drop", "model.upcycle.layers=upper_half", "trainer=ddp", "trainer.devices=2",
-           "parallel.ep_size=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    train_cli(src, corpus, run_dir, "trainer.max_steps=5", "model.upcycle.num_experts=4", "model.upcycle.method=drop",
+              "model.upcycle.layers=upper_half", "trainer=ddp", "trainer.devices=2", "parallel.ep_size=2")  # fmt: skip
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 5
     model = trained_model(run_dir)
     assert [i for i, layer in enumerate(model.hf.model.layers) if layer.mlp.__class__.__name__ == "HFMoEBlock"] == [1]

@@ -50,6 +50,7 @@ from moe.data.windows import (  # noqa: F401  (EpochSampler, TrainWindows, gathe
     EpochSampler,
     TokenCorpus,
     TrainWindows,
+    check_window_settings,
     gather_windows,
     pack,
     split_units,
@@ -87,13 +88,7 @@ def validate_pycode_config(cfg: PyCodeConfig) -> None:
                 raise ValueError(f"data.pycode.{name}: unknown domain {d!r}; expected some of {list(DOMAINS)}")
         if getattr(cfg, name) is not None and not getattr(cfg, name):
             raise ValueError(f"data.pycode.{name}: expected at least one domain (or null for all)")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"data.pycode.val_fraction={cfg.val_fraction}: expected 0 < val_fraction < 1")
-    if not 0.0 <= cfg.tune_fraction < 1.0:
-        raise ValueError(f"data.pycode.tune_fraction={cfg.tune_fraction}: expected 0 <= tune_fraction < 1")
-    for name in ("seq_len", "batch_size", "train_windows", "val_windows_per_domain"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"data.pycode.{name}={getattr(cfg, name)}: expected >= 1")
+    check_window_settings(cfg, "data.pycode", ("seq_len", "batch_size", "train_windows", "val_windows_per_domain"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from moe.data.windows import (
     TrainWindows,
     WindowDataset,
     WindowSplit,
+    check_window_settings,
     pack,
     split_units,
     val_windows,
@@ -217,13 +218,7 @@ def check_text_config(cfg: TextConfig) -> None:
                          "directory (tokenizer.json, ...); no such directory")  # fmt: skip
     if not isinstance(cfg.text_field, str) or not cfg.text_field:
         raise ValueError(f"data.text.text_field={cfg.text_field!r}: expected a field name")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"data.text.val_fraction={cfg.val_fraction}: expected 0 < val_fraction < 1")
-    if not 0.0 <= cfg.tune_fraction < 1.0:
-        raise ValueError(f"data.text.tune_fraction={cfg.tune_fraction}: expected 0 <= tune_fraction < 1")
-    for name in ("seq_len", "batch_size", "train_windows", "val_windows_per_group"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"data.text.{name}={getattr(cfg, name)}: expected >= 1")
+    check_window_settings(cfg, "data.text", ("seq_len", "batch_size", "train_windows", "val_windows_per_group"))
     if cfg.num_workers < 0:
         raise ValueError(f"data.text.num_workers={cfg.num_workers}: expected >= 0")
 

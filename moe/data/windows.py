@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from moe.data.tasks import TaskSplit
+from moe.data.tasks import SplitDataset, TaskSplit
 
 BOS = 256  # byte-level: ids 0..255 are the bytes, 256 separates documents (and pads)
 
@@ -157,6 +157,18 @@ class TrainWindows(Dataset):
         return window_batch(self.corpus, starts, self.length, seg)
 
 
+def check_window_settings(cfg, prefix: str, counts: tuple[str, ...]) -> None:
+    """The settings every windowed corpus shares: ``val_fraction`` in (0, 1), ``tune_fraction`` in [0, 1), each of
+    ``counts`` >= 1; errors name ``<prefix>.<key>``."""
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"{prefix}.val_fraction={cfg.val_fraction}: expected 0 < val_fraction < 1")
+    if not 0.0 <= cfg.tune_fraction < 1.0:
+        raise ValueError(f"{prefix}.tune_fraction={cfg.tune_fraction}: expected 0 <= tune_fraction < 1")
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{prefix}.{name}={getattr(cfg, name)}: expected >= 1")
+
+
 class EpochSampler(Sampler[int]):
     """``num_samples`` uniform indices in ``[0, n)`` per epoch, drawn from ``(seed, epoch)`` alone (Lightning calls
     ``set_epoch`` at each epoch start), so epoch e is the same whatever happened before it."""
@@ -209,20 +221,12 @@ def val_windows(corpus: TokenCorpus, seq_len: int, per_group: int) -> WindowSpli
                                                                      "target_bytes")))  # fmt: skip
 
 
-class WindowDataset(Dataset):
-    """Map-style dataset over a ``WindowSplit``; ``__getitems__`` fetches a whole batch with one index op."""
-
-    def __init__(self, split: WindowSplit):
-        self.split = split
-
-    def __len__(self) -> int:
-        return self.split.tokens.shape[0]
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])
+class WindowDataset(SplitDataset):
+    """``SplitDataset`` over a ``WindowSplit``: batches also carry ``target_bytes`` (one byte per scored target
+    when the split has none)."""
 
     def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        ix, s = torch.as_tensor(idx), self.split
-        nbytes = s.target_bytes[ix] if s.target_bytes is not None else s.target_mask[ix].int()
-        return {"tokens": s.tokens[ix], "target_mask": s.target_mask[ix], "task_id": s.task_id[ix],
-                "target_bytes": nbytes}  # fmt: skip
+        out, s = super().__getitems__(idx), self.split
+        ix = torch.as_tensor(idx)
+        out["target_bytes"] = s.target_bytes[ix] if s.target_bytes is not None else s.target_mask[ix].int()
+        return out

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from moe.config import RouterConfig
-from moe.hf.blocks import HFMoEBlock, arch_of, router_from_config, to_hf_state_dict
+from moe.hf.blocks import ARCHS, HFMoEBlock, arch_of, router_from_config, to_hf_state_dict
 from moe_merge_common.outputs import output_lock, write_staged
 
 
 def routing_mismatch(router: RouterConfig, config) -> list[str]:
     """What of ``router`` the architecture's config cannot express (empty: it can, after ``export_config``)."""
-    if config.model_type not in _moe_types():
+    if config.model_type not in ARCHS:
         return []
     native = router_from_config(config, router)
     bad = [f"router.{f}={getattr(router, f)!r} (the architecture has {getattr(native, f)!r})"
@@ -36,12 +36,6 @@ def routing_mismatch(router: RouterConfig, config) -> list[str]:
     if arch_of(config).always_renormalize and not router.renormalize:
         bad.append("router.renormalize=false (the architecture always renormalises)")
     return bad
-
-
-def _moe_types() -> set[str]:
-    from moe.hf.blocks import ARCHS
-
-    return set(ARCHS)
 
 
 def export_problems(model) -> list[str]:
@@ -64,7 +58,7 @@ def export_config(model):
         config.dtype, config.use_cache = model.source_dtype, True
         return config
     config = model.config.__class__.from_dict(model.config.to_dict())
-    if config.model_type in _moe_types():
+    if config.model_type in ARCHS:
         config.num_experts_per_tok = model.router_cfg.k
         if not arch_of(config).always_renormalize:  # Mixtral has no norm_topk_prob
             config.norm_topk_prob = model.router_cfg.renormalize
